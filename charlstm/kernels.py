@@ -1,0 +1,287 @@
+"""Every compiled kernel: LSTM forward and backward over a window, the output layer, sampling steps.
+
+Dimension letters, used in every shape comment of the package:
+    B  streams in a batch          T  steps in a window
+    H  hidden units per layer      G  = 4H gate rows, in order i, f, o, g
+    V  vocabulary size             N  = T*B positions of a window
+    D  input width of a layer: V for layer 0 (one-hot), H above
+
+Arrays of a window are time-major, (T, B, ...), so step t is one contiguous (B, ...) block and
+(T, B, X) reshapes to (N, X) for free. Kernels take arrays and scalars only, never read module
+state, and never allocate inside the time loop: workspaces are allocated once by the caller.
+
+Products go to BLAS through np.dot (SciPy's BLAS, called from inside Numba). Only the recurrent
+products run per step; every elementwise gate operation is fused into one pass around them.
+In float32 the nonlinearities are rational approximations that vectorize (libm calls do not);
+float64 keeps the exact functions, for the gradient checks.
+"""
+import math
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+# One place for the fastmath flags. No `nnan`/`ninf`: the trainer must see NaN and inf.
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+
+def kernel(fn):
+    return njit(cache=True, fastmath=set(FASTMATH), nogil=True)(fn)
+
+
+# ---------------------------------------------------------------- nonlinearities, typed per dtype
+
+def tanh(x):
+    return math.tanh(x)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _is_float32(x):
+    return isinstance(x, types.Float) and x.bitwidth == 32
+
+
+@overload(tanh, inline="always", jit_options={"fastmath": set(FASTMATH)})
+def _tanh_impl(x):
+    if _is_float32(x):
+        def tanh32(x):
+            # Eigen's float32 rational approximation (13/6): |error| ~ 1e-7, no libm call.
+            clamp = np.float32(7.90531110763549805)
+            x = min(max(x, -clamp), clamp)
+            x2 = x * x
+            p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+            p = x2 * p + np.float32(-8.60467152213735e-11)
+            p = x2 * p + np.float32(5.12229709037114e-08)
+            p = x2 * p + np.float32(1.48572235717979e-05)
+            p = x2 * p + np.float32(6.37261928875436e-04)
+            p = x2 * p + np.float32(4.89352455891786e-03)
+            q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+            q = x2 * q + np.float32(2.26843463243900e-03)
+            q = x2 * q + np.float32(4.89352518554385e-03)
+            return x * p / q
+        return tanh32
+    return lambda x: math.tanh(x)
+
+
+@overload(sigmoid, inline="always", jit_options={"fastmath": set(FASTMATH)})
+def _sigmoid_impl(x):
+    if _is_float32(x):
+        def sigmoid32(x):
+            half = np.float32(0.5)
+            return half + half * tanh(half * x)
+        return sigmoid32
+    return lambda x: 1.0 / (1.0 + math.exp(-x))
+
+
+def like(x, value):
+    """`value` as a scalar of x's type (a bare float literal would promote float32 math to float64)."""
+    return type(x)(value)
+
+
+@overload(like, inline="always")
+def _like_impl(x, value):
+    scalar_type = x
+    return lambda x, value: scalar_type(value)
+
+
+# ---------------------------------------------------------------- input terms (batched over time)
+
+@kernel
+def transpose_into(W, WT):
+    """WT = W.T, both C-contiguous: (R, C) -> (C, R). Done once per step so every per-step read is
+    a contiguous row."""
+    R, C = W.shape
+    for r in range(R):
+        for col in range(C):
+            WT[col, r] = W[r, col]
+
+
+@kernel
+def gather_input(WxT, b, x, A):
+    """Layer 0: the one-hot input product is a row lookup. A[t, s] = WxT[x[t, s]] + b.
+    WxT (V, G), b (G,), x (T, B) ids, A (T, B, G) out."""
+    T, B = x.shape
+    G = b.shape[0]
+    for t in range(T):
+        for s in range(B):
+            row = WxT[x[t, s]]
+            for j in range(G):
+                A[t, s, j] = row[j] + b[j]
+
+
+@kernel
+def project_input(X, Wx, b, A):
+    """Layers above 0: the input product for all T steps as one product. A = X @ Wx.T + b.
+    X (N, H) the layer below's outputs, Wx (G, H), b (G,), A (N, G) out."""
+    np.dot(X, Wx.T, A)
+    N, G = A.shape
+    for n in range(N):
+        for j in range(G):
+            A[n, j] += b[j]
+
+
+# ---------------------------------------------------------------- one layer over one window
+
+@kernel
+def lstm_forward(A, Wh, peep, h, c, tc, z):
+    """Run one layer over a window, keeping what the backward needs.
+
+    A    (T, B, G)    in: input term + bias per step; out: the gates after their nonlinearity
+    Wh   (G, H)       recurrent weights (BLAS reads Wh.T in place, no copy)
+    peep (3H,)        peephole weights i, f, o; length 0 when peepholes are off
+    h, c (T+1, B, H)  h[0], c[0] in: the carried state; h[t+1], c[t+1] out: the state after step t
+    tc   (T, B, H)    out: tanh(c_t)
+    z    (B, G)       workspace for the recurrent product
+    """
+    T, B, G = A.shape
+    H = G // 4
+    peepholes = peep.shape[0] > 0
+    for t in range(T):
+        np.dot(h[t], Wh.T, z)  # the only product that must run step by step
+        for s in range(B):
+            a, zs = A[t, s], z[s]
+            c_prev, c_new, h_new, tc_new = c[t, s], c[t + 1, s], h[t + 1, s], tc[t, s]
+            for k in range(H):
+                a_i = a[k] + zs[k]
+                a_f = a[H + k] + zs[H + k]
+                a_o = a[2 * H + k] + zs[2 * H + k]
+                a_g = a[3 * H + k] + zs[3 * H + k]
+                if peepholes:
+                    a_i += peep[k] * c_prev[k]
+                    a_f += peep[H + k] * c_prev[k]
+                i = sigmoid(a_i)
+                f = sigmoid(a_f)
+                g = tanh(a_g)
+                ct = f * c_prev[k] + i * g
+                if peepholes:
+                    a_o += peep[2 * H + k] * ct  # the output gate peeks at the new cell
+                o = sigmoid(a_o)
+                tct = tanh(ct)
+                a[k], a[H + k], a[2 * H + k], a[3 * H + k] = i, f, o, g
+                c_new[k] = ct
+                tc_new[k] = tct
+                h_new[k] = o * tct
+
+
+@kernel
+def lstm_backward(gates, c, tc, peep, Wh, dH, dA, dh, dc):
+    """Truncated BPTT through one layer over the window, from t = T-1 down to 0.
+
+    gates (T, B, G)   i, f, o, g from the forward;  c (T+1, B, H);  tc (T, B, H) = tanh(c_t)
+    peep  (3H,)       (length 0 when off);  Wh (G, H)
+    dH    (T, B, H)   in: dloss/dh_t from above (output layer, or the next layer's input)
+    dA    (T, B, G)   out: dloss/d(gate pre-activations), for the batched weight gradients
+    dh, dc (B, H)     in: gradient arriving from after the window (zero under truncation);
+                      out: dloss/dh_0, dloss/dc_0
+    """
+    T, B, G = gates.shape
+    H = G // 4
+    peepholes = peep.shape[0] > 0
+    for t in range(T - 1, -1, -1):
+        for s in range(B):
+            gs, das, c_prev, tcs, dHs, dhs, dcs = gates[t, s], dA[t, s], c[t, s], tc[t, s], dH[t, s], dh[s], dc[s]
+            for k in range(H):
+                i, f, o, g = gs[k], gs[H + k], gs[2 * H + k], gs[3 * H + k]
+                dht = dHs[k] + dhs[k]
+                tct = tcs[k]
+                # forward: h = o * tanh(c)   so: do = dh * tanh(c), dc += dh * o * (1 - tanh(c)^2)
+                da_o = dht * tct * (o - o * o)
+                dct = dcs[k] + dht * o - dht * o * tct * tct
+                if peepholes:
+                    dct += peep[2 * H + k] * da_o  # a_o saw c_t through its peephole
+                # forward: c = f * c_prev + i * g
+                da_i = dct * g * (i - i * i)
+                da_f = dct * c_prev[k] * (f - f * f)
+                da_g = dct * i - dct * i * g * g
+                dc_prev = dct * f
+                if peepholes:
+                    dc_prev += peep[k] * da_i + peep[H + k] * da_f
+                dcs[k] = dc_prev
+                das[k], das[H + k], das[2 * H + k], das[3 * H + k] = da_i, da_f, da_o, da_g
+        np.dot(dA[t], Wh, dh)  # forward: z = h_{t-1} @ Wh.T   so: dh_{t-1} = dz @ Wh
+
+
+@kernel
+def peephole_grad(dA, c, dpeep):
+    """dpeep (3H,) out: sum over the window of da_i * c_{t-1}, da_f * c_{t-1}, da_o * c_t.
+    dA (T, B, G), c (T+1, B, H)."""
+    T, B, G = dA.shape
+    H = G // 4
+    dpeep[:] = 0
+    for t in range(T):
+        for s in range(B):
+            for k in range(H):
+                dpeep[k] += dA[t, s, k] * c[t, s, k]
+                dpeep[H + k] += dA[t, s, H + k] * c[t, s, k]
+                dpeep[2 * H + k] += dA[t, s, 2 * H + k] * c[t + 1, s, k]
+
+
+@kernel
+def matmul(a, b, out):
+    """out = a @ b, all C-contiguous 2-D."""
+    np.dot(a, b, out)
+
+
+@kernel
+def weight_grad(dZ, X, dW):
+    """The batched gradient of a product Z = X @ W.T over all positions: dW = dZ^T @ X.
+    dZ (N, R), X (N, D), dW (R, D) out."""
+    np.dot(dZ.T, X, dW)
+
+
+@kernel
+def column_sums(dZ, db):
+    """The bias gradient: db (R,) out = sum over the N rows of dZ (N, R)."""
+    N, R = dZ.shape
+    db[:] = 0
+    for n in range(N):
+        for j in range(R):
+            db[j] += dZ[n, j]
+
+
+@kernel
+def gather_input_grad(dA, x, dWxT):
+    """Layer 0: scatter-add the gate gradients into the rows of the one-hot ids seen.
+    dA (T, B, G), x (T, B) ids, dWxT (V, G) out (dWx transposed)."""
+    T, B, G = dA.shape
+    dWxT[:] = 0
+    for t in range(T):
+        for s in range(B):
+            row = dWxT[x[t, s]]
+            for j in range(G):
+                row[j] += dA[t, s, j]
+
+
+# ---------------------------------------------------------------- output layer
+
+@kernel
+def softmax_xent(Htop, Wy, by, y, P):
+    """Logits, softmax and cross-entropy for all N positions at once; P becomes dloss/dlogits.
+
+    Htop (N, H) top layer outputs, Wy (V, H), by (V,), y (N,) target ids,
+    P (N, V) out: (softmax - onehot(y)) / N.  Returns the mean loss in nats (summed in float64).
+    """
+    np.dot(Htop, Wy.T, P)
+    N, V = P.shape
+    inv_n = like(P[0, 0], 1.0 / N)
+    total = 0.0
+    for n in range(N):
+        row = P[n]
+        m = row[0] + by[0]
+        for v in range(V):
+            row[v] += by[v]
+            m = max(m, row[v])
+        z = like(m, 0.0)
+        for v in range(V):
+            row[v] = math.exp(row[v] - m)
+            z += row[v]
+        total += math.log(z) - math.log(row[y[n]])
+        scale = inv_n / z
+        for v in range(V):
+            row[v] *= scale
+        row[y[n]] -= inv_n
+    return total / N
+
+

@@ -1,0 +1,67 @@
+"""Parameter layout: every parameter is a named view into one flat buffer (SPEC §3).
+
+Gradients and Adagrad's memory use the same layout, so the optimizer, clipping and saving are each
+one loop over one array. Names and shapes, row-major, rows of every 4H block in gate order i, f, o, g:
+
+    l{l}.Wx  (4H, D)   D = V for layer 0 (one-hot input), H above
+    l{l}.Wh  (4H, H)
+    l{l}.b   (4H,)
+    l{l}.p   (3H,)     peepholes i, f, o; only with peepholes on
+    out.W    (V, H)
+    out.b    (V,)
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+INIT_RANGE = 0.08  # char-rnn's uniform(-0.08, 0.08)
+FORGET_BIAS = 1.0  # Gers 1999: start by remembering
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    shape: tuple
+    offset: int
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape))
+
+
+def layout(config):
+    """The list of Slots for a ModelConfig, in buffer order."""
+    H, V = config.hidden, config.vocab_size
+    shapes = []
+    for l in range(config.layers):
+        shapes += [(f"l{l}.Wx", (4 * H, V if l == 0 else H)), (f"l{l}.Wh", (4 * H, H)), (f"l{l}.b", (4 * H,))]
+        if config.peepholes:
+            shapes.append((f"l{l}.p", (3 * H,)))
+    shapes += [("out.W", (V, H)), ("out.b", (V,))]
+    slots, offset = [], 0
+    for name, shape in shapes:
+        slots.append(Slot(name, shape, offset))
+        offset += slots[-1].size
+    return slots
+
+
+def param_count(config):
+    last = layout(config)[-1]
+    return last.offset + last.size
+
+
+def views(flat, config):
+    """Named views {name: ndarray} into the flat buffer (no copies: writing a view writes `flat`)."""
+    return {s.name: flat[s.offset:s.offset + s.size].reshape(s.shape) for s in layout(config)}
+
+
+def init_params(config, rng):
+    """A fresh flat parameter buffer: weights uniform in ±0.08, forget-gate bias 1, the rest 0."""
+    flat = np.zeros(param_count(config), dtype=config.dtype)
+    H = config.hidden
+    for name, view in views(flat, config).items():
+        if name.endswith(".Wx") or name.endswith(".Wh") or name == "out.W":
+            view[...] = rng.uniform(-INIT_RANGE, INIT_RANGE, size=view.shape)
+        elif name.endswith(".b") and name.startswith("l"):
+            view[H:2 * H] = FORGET_BIAS
+    return flat

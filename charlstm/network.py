@@ -1,0 +1,89 @@
+"""The whole network over one window: layers, output, loss and gradients, calling the kernels.
+
+This is the Python layer of the engine: a handful of kernel calls per layer per window (never per
+step), with every array preallocated in a Workspace for one (config, B, T).
+"""
+import numpy as np
+
+from charlstm import kernels
+from charlstm.model import views
+
+
+class Workspace:
+    """Every array one window needs, allocated once. Per layer l (shapes as in kernels.py):
+    gates (L, T, B, G), h and c (L, T+1, B, H), tc (L, T, B, H); shared across layers: z (B, G),
+    P (N, V), dA (T, B, G), dH (T, B, H), dh and dc (B, H), and layer 0's transposed Wx (V, G)."""
+
+    def __init__(self, config, batch_size, seq_length):
+        L, H, V = config.layers, config.hidden, config.vocab_size
+        B, T, G = batch_size, seq_length, 4 * config.hidden
+        zeros = lambda *shape: np.zeros(shape, dtype=config.dtype)
+        self.config, self.B, self.T = config, B, T
+        self.gates, self.tc = zeros(L, T, B, G), zeros(L, T, B, H)
+        self.h, self.c = zeros(L, T + 1, B, H), zeros(L, T + 1, B, H)
+        self.z, self.P = zeros(B, G), zeros(T * B, V)
+        self.dA, self.dH = zeros(T, B, G), zeros(T, B, H)
+        self.dh, self.dc = zeros(B, H), zeros(B, H)
+        self.WxT0, self.dWxT0 = zeros(V, G), zeros(V, G)
+        self.no_peep = zeros(0)
+
+    def top(self):
+        """The top layer's outputs at every position, (N, H)."""
+        return self.h[-1, 1:].reshape(-1, self.config.hidden)
+
+
+def _peep(w, l, ws):
+    return w.get(f"l{l}.p", ws.no_peep)
+
+
+def forward(params, ws, x, h0, c0):
+    """Run every layer over the window x (T, B) from state h0, c0 (L, B, H).
+    The final state is ws.h[:, -1], ws.c[:, -1]."""
+    w, cfg = views(params, ws.config), ws.config
+    N, G = ws.T * ws.B, 4 * cfg.hidden
+    for l in range(cfg.layers):
+        if l == 0:
+            kernels.transpose_into(w["l0.Wx"], ws.WxT0)
+            kernels.gather_input(ws.WxT0, w["l0.b"], x, ws.gates[0])
+        else:
+            below = ws.h[l - 1, 1:].reshape(N, cfg.hidden)
+            kernels.project_input(below, w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G))
+        ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
+        kernels.lstm_forward(ws.gates[l], w[f"l{l}.Wh"], _peep(w, l, ws), ws.h[l], ws.c[l], ws.tc[l], ws.z)
+
+
+def loss(params, ws, y):
+    """Mean cross-entropy in nats over the window's N positions, y (T, B) targets. Leaves
+    dloss/dlogits in ws.P for backward."""
+    w = views(params, ws.config)
+    return kernels.softmax_xent(ws.top(), w["out.W"], w["out.b"], y.reshape(-1), ws.P)
+
+
+def backward(params, grads, ws, x, dh0=None, dc0=None):
+    """Fill `grads` (same layout as params) with the gradient of the last loss() call.
+    Gradients stop at the window's start (truncated BPTT); dh0, dc0 (L, B, H), if given, receive
+    dloss/dh0 and dloss/dc0 (the gradient check uses them)."""
+    w, g, cfg = views(params, ws.config), views(grads, ws.config), ws.config
+    N, H, G = ws.T * ws.B, cfg.hidden, 4 * cfg.hidden
+    dA2, dH2 = ws.dA.reshape(N, G), ws.dH.reshape(N, H)
+    # forward: logits = Htop @ Wy.T + by
+    kernels.matmul(ws.P, w["out.W"], dH2)
+    kernels.weight_grad(ws.P, ws.top(), g["out.W"])
+    kernels.column_sums(ws.P, g["out.b"])
+    for l in reversed(range(cfg.layers)):
+        ws.dh[:] = 0
+        ws.dc[:] = 0
+        kernels.lstm_backward(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), w[f"l{l}.Wh"], ws.dH, ws.dA, ws.dh, ws.dc)
+        kernels.weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"])
+        kernels.column_sums(dA2, g[f"l{l}.b"])
+        if cfg.peepholes:
+            kernels.peephole_grad(ws.dA, ws.c[l], g[f"l{l}.p"])
+        if l == 0:
+            kernels.gather_input_grad(ws.dA, x, ws.dWxT0)
+            kernels.transpose_into(ws.dWxT0, g["l0.Wx"])
+        else:
+            below = ws.h[l - 1, 1:].reshape(N, H)
+            kernels.weight_grad(dA2, below, g[f"l{l}.Wx"])
+            kernels.matmul(dA2, w[f"l{l}.Wx"], dH2)  # the layer below's dloss/dh, from its output's use here
+        if dh0 is not None:
+            dh0[l], dc0[l] = ws.dh, ws.dc

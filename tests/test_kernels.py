@@ -1,0 +1,90 @@
+"""The kernels against the plain-NumPy reference (tests/reference.py), over the grid the issue asks:
+L = 1 and 2, peepholes on and off, B = 1 and > 1, T = 1 and > 1, float64 and float32."""
+import numpy as np
+import pytest
+
+from charlstm import kernels, network
+from charlstm.config import ModelConfig
+from charlstm.model import init_params, param_count, views
+
+from tests import reference
+
+VOCAB = "abcdefg"
+GRID = [(L, peep, B, T) for L in (1, 2) for peep in (False, True) for B in (1, 3) for T in (1, 5)]
+
+
+def random_case(layers, peepholes, B, T, dtype, seed=0, hidden=6):
+    """A model with every parameter random (peepholes and biases too) and random data."""
+    config = ModelConfig(VOCAB, hidden=hidden, layers=layers, peepholes=peepholes, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    params = rng.uniform(-0.5, 0.5, param_count(config)).astype(dtype)
+    x = rng.integers(0, len(VOCAB), (B, T))
+    y = rng.integers(0, len(VOCAB), (B, T))
+    h0 = rng.uniform(-0.5, 0.5, (layers, B, hidden)).astype(dtype)
+    c0 = rng.uniform(-0.5, 0.5, (layers, B, hidden)).astype(dtype)
+    return config, params, x, y, h0, c0
+
+
+def run_network(config, params, x, y, h0, c0):
+    """Loss, gradients (flat), dh0, dc0 and final state from the kernels. x, y are (B, T)."""
+    B, T = x.shape
+    ws = network.Workspace(config, B, T)
+    xt, yt = np.ascontiguousarray(x.T), np.ascontiguousarray(y.T)  # kernels are time-major
+    network.forward(params, ws, xt, h0, c0)
+    loss = network.loss(params, ws, yt)
+    grads = np.full_like(params, np.nan)  # backward must write every entry
+    dh0, dc0 = np.zeros_like(h0), np.zeros_like(c0)
+    network.backward(params, grads, ws, xt, dh0, dc0)
+    return loss, grads, dh0, dc0, ws.h[:, -1].copy(), ws.c[:, -1].copy()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("layers,peepholes,B,T", GRID)
+def test_kernels_match_reference(layers, peepholes, B, T, dtype, tol):
+    config, params, x, y, h0, c0 = random_case(layers, peepholes, B, T, dtype)
+    loss, grads, dh0, dc0, hT, cT = run_network(config, params, x, y, h0, c0)
+
+    p64 = {k: v.astype(np.float64) for k, v in views(params, config).items()}
+    ref_loss, cache, ref_h, ref_c = reference.forward(p64, x, y, h0.astype(np.float64), c0.astype(np.float64),
+                                                     layers, peepholes)
+    ref = reference.backward(p64, cache, y, layers, peepholes)
+
+    def close(ours, theirs):
+        scale = max(1.0, np.abs(theirs).max())
+        return np.abs(np.asarray(ours, np.float64) - theirs).max() / scale < tol
+
+    assert close(loss, ref_loss)
+    assert close(hT, ref_h) and close(cT, ref_c)
+    for name, g in views(grads, config).items():
+        assert close(g, ref[name]), name
+    assert close(dh0, ref["h0"]) and close(dc0, ref["c0"])
+
+
+def test_float32_nonlinearities_are_accurate():
+    x = np.linspace(-12, 12, 200001).astype(np.float32)
+    out = np.empty_like(x)
+    _apply_activations(x, out)
+    assert np.abs(out - np.tanh(x.astype(np.float64))).max() < 1e-6
+
+
+@kernels.kernel
+def _apply_activations(x, out):
+    for j in range(x.shape[0]):
+        out[j] = kernels.tanh(x[j])
+
+
+def test_second_call_compiles_nothing_new():
+    """Running a window again, in either dtype, adds no signature to any kernel: no float64 drift
+    in float32 runs, no retyping between calls."""
+    for dtype in ("float32", "float64"):
+        case = random_case(2, True, 3, 4, dtype)
+        run_network(*case)
+    counts = {name: len(getattr(kernels, name).signatures) for name in _kernel_names()}
+    for dtype in ("float32", "float64"):
+        run_network(*random_case(2, True, 3, 4, dtype, seed=1))
+    assert counts == {name: len(getattr(kernels, name).signatures) for name in _kernel_names()}
+    assert counts["lstm_forward"] == 2  # one float32 and one float64 specialization, nothing else
+
+
+def _kernel_names():
+    return [n for n in dir(kernels) if hasattr(getattr(kernels, n), "signatures")]
