@@ -26,7 +26,8 @@ FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
 
 def kernel(fn):
-    return njit(cache=True, fastmath=set(FASTMATH), nogil=True)(fn)
+    # error_model="numpy": no zero-division check, which would stop the gate loops vectorizing.
+    return njit(cache=True, fastmath=set(FASTMATH), error_model="numpy", nogil=True)(fn)
 
 
 # ---------------------------------------------------------------- nonlinearities, typed per dtype
@@ -43,7 +44,7 @@ def _is_float32(x):
     return isinstance(x, types.Float) and x.bitwidth == 32
 
 
-@overload(tanh, inline="always", jit_options={"fastmath": set(FASTMATH)})
+@overload(tanh, inline="always", jit_options={"fastmath": set(FASTMATH), "error_model": "numpy"})
 def _tanh_impl(x):
     if _is_float32(x):
         def tanh32(x):
@@ -65,7 +66,7 @@ def _tanh_impl(x):
     return lambda x: math.tanh(x)
 
 
-@overload(sigmoid, inline="always", jit_options={"fastmath": set(FASTMATH)})
+@overload(sigmoid, inline="always", jit_options={"fastmath": set(FASTMATH), "error_model": "numpy"})
 def _sigmoid_impl(x):
     if _is_float32(x):
         def sigmoid32(x):
@@ -141,28 +142,28 @@ def lstm_forward(A, Wh, peep, h, c, tc, z):
     for t in range(T):
         np.dot(h[t], Wh.T, z)  # the only product that must run step by step
         for s in range(B):
-            a, zs = A[t, s], z[s]
-            c_prev, c_new, h_new, tc_new = c[t, s], c[t + 1, s], h[t + 1, s], tc[t, s]
+            # Short passes over one stream's row, each simple enough for LLVM to vectorize.
+            a, zs, c_prev, c_new, h_new, tc_new = A[t, s], z[s], c[t, s], c[t + 1, s], h[t + 1, s], tc[t, s]
+            for j in range(G):
+                a[j] += zs[j]
+            if peepholes:
+                for k in range(H):
+                    a[k] += peep[k] * c_prev[k]
+                    a[H + k] += peep[H + k] * c_prev[k]
+            for j in range(2 * H):
+                a[j] = sigmoid(a[j])  # i, f
+            for j in range(3 * H, G):
+                a[j] = tanh(a[j])  # g
             for k in range(H):
-                a_i = a[k] + zs[k]
-                a_f = a[H + k] + zs[H + k]
-                a_o = a[2 * H + k] + zs[2 * H + k]
-                a_g = a[3 * H + k] + zs[3 * H + k]
-                if peepholes:
-                    a_i += peep[k] * c_prev[k]
-                    a_f += peep[H + k] * c_prev[k]
-                i = sigmoid(a_i)
-                f = sigmoid(a_f)
-                g = tanh(a_g)
-                ct = f * c_prev[k] + i * g
-                if peepholes:
-                    a_o += peep[2 * H + k] * ct  # the output gate peeks at the new cell
-                o = sigmoid(a_o)
-                tct = tanh(ct)
-                a[k], a[H + k], a[2 * H + k], a[3 * H + k] = i, f, o, g
-                c_new[k] = ct
-                tc_new[k] = tct
-                h_new[k] = o * tct
+                c_new[k] = a[H + k] * c_prev[k] + a[k] * a[3 * H + k]  # c = f * c_prev + i * g
+            if peepholes:
+                for k in range(H):
+                    a[2 * H + k] += peep[2 * H + k] * c_new[k]  # the output gate peeks at the new cell
+            for k in range(H):
+                o = sigmoid(a[2 * H + k])
+                a[2 * H + k] = o
+                tc_new[k] = tanh(c_new[k])
+                h_new[k] = o * tc_new[k]
 
 
 @kernel
