@@ -31,6 +31,74 @@ def cli():
 
 
 @cli.command()
+@click.argument("corpus", required=False, type=click.Path(dir_okay=True))
+@click.option("--hidden", type=POSITIVE, default=256, show_default=True, help="Hidden units per layer.")
+@click.option("--layers", type=POSITIVE, default=2, show_default=True, help="Stacked LSTM layers.")
+@click.option("--peepholes/--no-peepholes", default=False, show_default=True, help="Peephole connections (Gers 2000).")
+@click.option("--seq-length", type=POSITIVE, default=50, show_default=True, help="Steps of truncated BPTT per window.")
+@click.option("--batch-size", type=POSITIVE, default=50, show_default=True, help="Parallel streams per step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
+              help="Adagrad learning rate.")
+@click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Gradient clip; 0 is off.")
+@click.option("--clip-mode", type=click.Choice(["value", "norm"]), default="value", show_default=True,
+              help="Clip each entry (char-rnn) or the global L2 norm.")
+@click.option("--val-frac", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,
+              help="Tail fraction of the corpus held out for validation.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--steps", type=POSITIVE, help="Stop at this total step count (a resumed run counts from 0).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Stop after this many epochs.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True),
+              help="Stop after this many seconds of training (default 300 when no other stop is given).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Steps between validation runs; 0 validates only at the end.")
+@click.option("--save-every", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Steps between checkpoints; 0 saves only at the end.")
+@click.option("--keep", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Step checkpoints kept (latest.npz and best.npz always are); 0 keeps all.")
+@click.option("--out", type=click.Path(), default="checkpoints", show_default=True, help="Folder of run folders.")
+@click.option("--run", help="Run folder name (default: the corpus name, numbered if taken).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialisation and samples.")
+@click.option("--threads", type=POSITIVE, help="Threads for kernels and BLAS (default: all cores).")
+@click.option("--resume", type=click.Path(), help="Continue the run that wrote this checkpoint, exactly.")
+@click.option("--init-from", type=click.Path(), help="Start a new run from this checkpoint's weights.")
+@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the corpus.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
+def train(ctx, corpus, resume, init_from, out, run, quiet, encoding, **options):
+    """Train a character-level LSTM on CORPUS (default: the bundled tinyshakespeare.txt).
+
+    Checkpoints go to OUT/RUN/ (step-XXXXXXXX.npz, latest.npz, best.npz) with metrics.jsonl
+    beside them. Ctrl-C saves and stops; --resume continues exactly where a run stopped.
+
+    \b
+    Examples:
+      charlstm train                                    # Shakespeare, 5 minutes
+      charlstm train my.txt --time-limit 600 --hidden 512
+      charlstm train --resume checkpoints/tinyshakespeare/latest.npz --steps 20000
+    """
+    set_threads(options["threads"])
+    from charlstm.train import train as run_training
+
+    given = {name for name in options if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    sys.exit(run_training(corpus, options, given, out, run, resume, init_from, quiet, encoding))
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(checkpoint, as_json):
+    """Show what a checkpoint holds: model, training options, progress, losses and sizes.
+
+    \b
+    Example:
+      charlstm info checkpoints/tinyshakespeare/latest.npz
+    """
+    from charlstm.info import describe
+
+    click.echo(describe(checkpoint, as_json))
+
+
+@cli.command()
 @click.option("--hidden", type=POSITIVE, default=8, show_default=True, help="Hidden units per layer.")
 @click.option("--layers", type=POSITIVE, default=2, show_default=True, help="LSTM layers.")
 @click.option("--peepholes/--no-peepholes", default=True, show_default=True, help="Check peephole weights too.")

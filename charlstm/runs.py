@@ -1,0 +1,91 @@
+"""A run folder: checkpoints/<run>/ with step-XXXXXXXX.npz, latest.npz, best.npz, metrics.jsonl.
+
+One process at a time may write a run folder: RunFolder holds an exclusive flock on `.lock` for its
+lifetime (the kernel drops it when the process dies, even by kill -9, so a stale lock never
+blocks a resume).
+"""
+import fcntl
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from charlstm.checkpoint import atomic_write, save_checkpoint
+from charlstm.errors import UserError
+
+STEP_FILE = re.compile(r"^step-(\d{8})\.npz$")
+
+
+def new_run_name(out, stem):
+    """`stem`, or `stem-2`, `stem-3`, ... : the first name whose folder holds no checkpoint yet."""
+    name, n = stem, 1
+    while any((Path(out) / name).glob("*.npz")):
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
+class RunFolder:
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"cannot use {self.path} as a run folder: a file is in the way; choose another --out")
+        except OSError as e:
+            raise UserError(f"cannot write to {self.path}: {e.strerror}; choose another --out")
+        self._lock = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            raise UserError(f"{self.path} is in use by a running charlstm (pid {holder}); "
+                            "wait for it to finish or use another --run")
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+
+    def close(self):
+        self._lock.close()
+
+    @property
+    def latest(self):
+        return self.path / "latest.npz"
+
+    def step_files(self):
+        return sorted(p for p in self.path.iterdir() if STEP_FILE.match(p.name))
+
+    def save(self, step, manifest, arrays, keep, best=False):
+        """Write step-<step>.npz, then latest.npz (and best.npz) as copies of it, each atomically;
+        then drop all but the `keep` newest step files. Returns the step file's path."""
+        step_path = self.path / f"step-{step:08d}.npz"
+        save_checkpoint(step_path, manifest, *arrays)
+        for name in ("latest.npz",) + (("best.npz",) if best else ()):
+            _atomic_copy(step_path, self.path / name)
+        for old in self.step_files()[:-keep] if keep > 0 else []:
+            old.unlink()
+        return step_path
+
+    def log(self, record):
+        """Append one JSON line to metrics.jsonl."""
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def truncate_log(self, step):
+        """Drop metrics lines past `step`: a resumed run rewrites what came after its checkpoint."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _atomic_copy(src, dst):
+    with open(src, "rb") as source:
+        atomic_write(dst, lambda f: shutil.copyfileobj(source, f))

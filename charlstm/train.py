@@ -1,0 +1,319 @@
+"""The training loop: windows -> kernels -> clip -> Adagrad, with validation, progress and checkpoints.
+
+Everything a step depends on (params, Adagrad's memory, the carried h and c, the step counter that
+fixes the data cursor, the RNG, the metric accumulators) is in every checkpoint, so a resumed run
+continues bit for bit where the straight run would have been.
+"""
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from charlstm import network
+from charlstm.checkpoint import load_checkpoint
+from charlstm.config import ModelConfig
+from charlstm.data import Batcher, file_sha256, load_corpus, split
+from charlstm.errors import UserError
+from charlstm.model import init_params, param_count
+from charlstm.optim import ADAGRAD_EPS, adagrad_update, clip_gradients, sum_of_squares
+from charlstm.runs import RunFolder, new_run_name
+from charlstm.validate import validation_loss
+
+EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN/inf
+DEFAULT_TIME_LIMIT = 300.0  # seconds, when none of --steps/--epochs/--time-limit is given
+LOG_EVERY = 100  # steps between train-loss lines in metrics.jsonl
+EMA = 0.98  # smoothing of the loss shown on the bar
+STOPPING = ("steps", "epochs", "time_limit", "eval_every", "save_every", "keep", "threads")
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+@dataclass
+class State:
+    """What a run carries from step to step and stores in its checkpoints."""
+    params: np.ndarray
+    adagrad: np.ndarray
+    h: np.ndarray  # (L, B, H) carried across windows, zeroed at each epoch start
+    c: np.ndarray
+    step: int = 0
+    chars_seen: int = 0
+    best_val_loss: float = math.inf
+    last_val_loss: float | None = None
+    smoothed_loss: float | None = None
+    log_sum: float = 0.0  # train losses since the last metrics line, and how many
+    log_count: int = 0
+    rng_state: dict | None = None
+
+
+class Trainer:
+    def __init__(self, model_cfg, train_cfg, corpus, folder, state, say):
+        self.model_cfg, self.cfg, self.corpus, self.folder, self.state, self.say = (
+            model_cfg, train_cfg, corpus, folder, state, say)
+        n_train, n_val = split(len(corpus.ids), train_cfg.val_frac)
+        self.batcher = Batcher(corpus.ids[:n_train], train_cfg.batch_size, train_cfg.seq_length)
+        self.val_ids = corpus.ids[n_train:]
+        self.ws = network.Workspace(model_cfg, train_cfg.batch_size, train_cfg.seq_length)
+        self.grads = np.zeros_like(state.params)
+        self.rng = np.random.default_rng(train_cfg.seed)
+        if state.rng_state:
+            self.rng.bit_generator.state = state.rng_state
+        self.stop_requested = None
+
+    @property
+    def windows_per_epoch(self):
+        return self.batcher.windows_per_epoch
+
+    def step(self):
+        """One optimizer step on window k = step mod windows_per_epoch (SPEC §2). Returns the loss."""
+        s, cfg = self.state, self.cfg
+        k = s.step % self.windows_per_epoch
+        if k == 0:  # an epoch starts from zero state
+            s.h[:] = 0
+            s.c[:] = 0
+        x, y = self.batcher.window(k)
+        network.forward(s.params, self.ws, x, s.h, s.c)
+        loss = network.loss(s.params, self.ws, y)
+        network.backward(s.params, self.grads, self.ws, x)
+        sumsq = sum_of_squares(self.grads)
+        if not (math.isfinite(loss) and math.isfinite(sumsq)):
+            raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'} "
+                                f"at step {s.step + 1}")
+        clip_gradients(self.grads, cfg.clip, cfg.clip_mode, sumsq)
+        adagrad_update(s.params, self.grads, s.adagrad, cfg.lr, ADAGRAD_EPS)
+        s.h[:] = self.ws.h[:, -1]
+        s.c[:] = self.ws.c[:, -1]
+        s.step += 1
+        s.chars_seen += cfg.batch_size * cfg.seq_length
+        s.log_sum += loss
+        s.log_count += 1
+        s.smoothed_loss = loss if s.smoothed_loss is None else EMA * s.smoothed_loss + (1 - EMA) * loss
+        return loss
+
+    def manifest(self):
+        s = self.state
+        return {
+            "model": self.model_cfg.to_dict(),
+            "train": self.cfg.to_dict(),
+            "step": s.step,
+            "epoch": s.step // self.windows_per_epoch,
+            "chars_seen": s.chars_seen,
+            "cursor": {"window": s.step % self.windows_per_epoch, "windows_per_epoch": self.windows_per_epoch},
+            "corpus": {"path": str(Path(self.corpus.path).resolve()), "size": self.corpus.size,
+                       "sha256": self.corpus.sha256},
+            "rng": self.rng.bit_generator.state,
+            "best_val_loss": None if math.isinf(s.best_val_loss) else s.best_val_loss,
+            "metrics": {"train_loss_smoothed": s.smoothed_loss, "val_loss": s.last_val_loss,
+                        "log_sum": s.log_sum, "log_count": s.log_count},
+        }
+
+    def save(self, best=False):
+        s = self.state
+        return self.folder.save(s.step, self.manifest(), (s.params, s.adagrad, s.h, s.c), self.cfg.keep, best)
+
+    def evaluate(self):
+        """Validation loss on its own state; True when it is the best so far."""
+        s = self.state
+        loss, chars = validation_loss(s.params, self.model_cfg, self.val_ids)
+        if loss is None:
+            return False
+        s.last_val_loss = loss
+        self.folder.log({"step": s.step, "val_loss": loss, "val_bpc": loss / math.log(2), "val_chars": chars})
+        self.say(f"step {s.step}: val loss {loss:.4f} nats ({loss / math.log(2):.4f} bits/char) on {chars:,} chars")
+        if loss < s.best_val_loss:
+            s.best_val_loss = loss
+            return True
+        return False
+
+    def log_train(self, elapsed):
+        s = self.state
+        if s.log_count == 0:
+            return
+        mean = s.log_sum / s.log_count
+        self.folder.log({"step": s.step, "epoch": s.step / self.windows_per_epoch, "train_loss": mean,
+                         "train_bpc": mean / math.log(2), "chars_seen": s.chars_seen, "elapsed": round(elapsed, 3)})
+        s.log_sum, s.log_count = 0.0, 0
+
+    def run(self, total_steps, deadline, bar):
+        """Train until total_steps, the deadline or a stop request. Returns the reason it stopped."""
+        s, cfg = self.state, self.cfg
+        start, start_chars = time.monotonic(), s.chars_seen
+        saved_at = s.step
+        while True:
+            if total_steps is not None and s.step >= total_steps:
+                reason = "done"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                reason = "time limit"
+                break
+            if self.stop_requested:
+                reason = self.stop_requested
+                break
+            loss = self.step()
+            elapsed = time.monotonic() - start
+            if s.step % LOG_EVERY == 0:
+                self.log_train(elapsed)
+            best = self.evaluate() if cfg.eval_every and s.step % cfg.eval_every == 0 else False
+            if best or (cfg.save_every and s.step % cfg.save_every == 0):
+                self.save(best)
+                saved_at = s.step
+            bar.update(1)
+            rate = (s.chars_seen - start_chars) / max(elapsed, 1e-9)
+            bar.set_postfix_str(f"epoch {s.step / self.windows_per_epoch:.2f} loss {s.smoothed_loss:.3f} "
+                                f"({s.smoothed_loss / math.log(2):.3f} bpc) {rate / 1000:.1f}k chars/s", refresh=False)
+        if saved_at != s.step or not self.folder.latest.exists():
+            best = self.evaluate() if reason == "done" or reason == "time limit" else False
+            return reason, self.save(best)
+        return reason, self.folder.path / f"step-{s.step:08d}.npz"
+
+
+# ---------------------------------------------------------------- starting, resuming, reporting
+
+def bundled_corpus():
+    return str(Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt")
+
+
+def _check_fixed(given, options, fixed, source):
+    """Options the user gave that contradict what a checkpoint fixes."""
+    clashes = [f"--{k.replace('_', '-')} {options[k]} (checkpoint: {fixed[k]})"
+               for k in given if k in fixed and options[k] != fixed[k]]
+    if clashes:
+        raise UserError(f"{', '.join(clashes)}: these are fixed by {source}; drop them")
+
+
+def resume_run(path, corpus_path, options, given, encoding):
+    """Model, config, corpus, folder and state of the run that `path` checkpointed."""
+    ckpt = load_checkpoint(path)
+    model_cfg = ckpt.model_config
+    fixed = {k: v for k, v in {**model_cfg.to_dict(), **ckpt.train_config.to_dict()}.items() if k not in STOPPING}
+    _check_fixed(given, options, fixed, f"the checkpoint {path}")
+    cfg = replace(ckpt.train_config, **{k: options[k] for k in STOPPING if k in given})
+    recorded = ckpt.manifest["corpus"]
+    corpus_path = corpus_path or recorded["path"]
+    if not Path(corpus_path).is_file():
+        raise UserError(f"the corpus this run was trained on, {corpus_path}, is gone; give its path: "
+                        f"charlstm train CORPUS --resume {path}")
+    if Path(corpus_path).stat().st_size != recorded["size"] or file_sha256(corpus_path) != recorded["sha256"]:
+        raise UserError(f"{corpus_path} is not the corpus this run was trained on (size or sha256 differs); "
+                        f"to train on another text start a new run with --init-from {path}")
+    folder = RunFolder(Path(path).resolve().parent)
+    corpus = load_corpus(corpus_path, folder.path.parent / ".corpus-cache", vocab=model_cfg.vocab, encoding=encoding)
+    m = ckpt.manifest
+    metrics = m.get("metrics", {})
+    state = State(ckpt.params.copy(), ckpt.adagrad.copy(), ckpt.h.copy(), ckpt.c.copy(), m["step"], m["chars_seen"],
+                  m["best_val_loss"] if m.get("best_val_loss") is not None else math.inf, metrics.get("val_loss"),
+                  metrics.get("train_loss_smoothed"), metrics.get("log_sum", 0.0), metrics.get("log_count", 0), m["rng"])
+    folder.truncate_log(state.step)
+    return model_cfg, cfg, corpus, folder, state
+
+
+def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding):
+    """Model, corpus, folder and state of a fresh run (from scratch, or from init_from's weights)."""
+    corpus_path = corpus_path or bundled_corpus()
+    out = Path(out)
+    cache = out / ".corpus-cache"
+    if init_from:
+        ckpt = load_checkpoint(init_from)
+        model_cfg = ckpt.model_config
+        _check_fixed(given, options, model_cfg.to_dict(), f"the checkpoint {init_from}")
+        corpus = load_corpus(corpus_path, cache, vocab=model_cfg.vocab, encoding=encoding)
+    else:
+        corpus = load_corpus(corpus_path, cache, encoding=encoding)
+        model_cfg = ModelConfig(corpus.vocab, options["hidden"], options["layers"], options["peepholes"], options["dtype"])
+    if run is None:
+        run = new_run_name(out, Path(corpus_path).stem)
+    elif any((out / run).glob("*.npz")):
+        raise UserError(f"{out / run} already holds checkpoints; continue it with --resume {out / run / 'latest.npz'} "
+                        "or choose another --run")
+    folder = RunFolder(out / run)
+    rng = np.random.default_rng(cfg.seed)
+    params = ckpt.params.copy() if init_from else init_params(model_cfg, rng)
+    shape = (model_cfg.layers, cfg.batch_size, model_cfg.hidden)
+    state = State(params, np.zeros_like(params), np.zeros(shape, model_cfg.dtype), np.zeros(shape, model_cfg.dtype),
+                  rng_state=rng.bit_generator.state)
+    return model_cfg, corpus, folder, state
+
+
+def kernels_cached():
+    """Whether Numba's on-disk cache already holds the training kernels (so no compile is coming)."""
+    from charlstm import kernels
+    try:
+        return Path(kernels.lstm_forward._cache._cache_file._index_path).exists()
+    except AttributeError:
+        return True
+
+
+def summary(trainer, total_steps, deadline_s):
+    m, cfg, c = trainer.model_cfg, trainer.cfg, trainer.corpus
+    n_train = trainer.batcher.windows_per_epoch * cfg.batch_size * cfg.seq_length
+    yield (f"corpus {c.path}: {len(c.ids):,} chars, vocab {m.vocab_size}; "
+           f"{len(c.ids) - len(trainer.val_ids):,} train / {len(trainer.val_ids):,} validation")
+    yield (f"model {m.layers}x{m.hidden} LSTM{' with peepholes' if m.peepholes else ''}, "
+           f"{param_count(m):,} parameters, {m.dtype}")
+    yield (f"{cfg.batch_size} streams x {cfg.seq_length} steps = {cfg.batch_size * cfg.seq_length:,} chars per step, "
+           f"{trainer.windows_per_epoch:,} steps per epoch ({n_train:,} chars); Adagrad lr {cfg.lr}, "
+           f"clip {cfg.clip} ({cfg.clip_mode})")
+    stops = []
+    if total_steps is not None:
+        stops.append(f"at step {total_steps:,}")
+    if deadline_s is not None:
+        stops.append(f"after {deadline_s:g} s" + (" (the default; set --steps, --epochs or --time-limit)"
+                                                  if cfg.steps is None and cfg.epochs is None and cfg.time_limit is None else ""))
+    yield f"stopping {' or '.join(stops)}; checkpoints in {trainer.folder.path}"
+
+
+def train(corpus_path, options, given, out, run, resume, init_from, quiet, encoding):
+    """The `charlstm train` command's work. `options` holds every option value by name and
+    `given` the names the user set explicitly. Returns the process exit status."""
+    say = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stdout))
+    if resume and init_from:
+        raise UserError("--resume continues a run and --init-from starts a new one: give only one")
+    if resume:
+        model_cfg, cfg, corpus, folder, state = resume_run(resume, corpus_path, options, given, encoding)
+    else:
+        from charlstm.config import TrainConfig
+        cfg = TrainConfig.from_dict(options)
+        model_cfg, corpus, folder, state = new_run(corpus_path, options, given, cfg, out, run, init_from, encoding)
+    trainer = Trainer(model_cfg, cfg, corpus, folder, state, say)
+    wpe = trainer.windows_per_epoch
+    total = cfg.steps if cfg.steps is not None else (math.ceil(cfg.epochs * wpe) if cfg.epochs is not None else None)
+    limit = cfg.time_limit if cfg.time_limit is not None else (DEFAULT_TIME_LIMIT if total is None else None)
+    for line in summary(trainer, total, limit):
+        say(line)
+    if resume:
+        say(f"resuming from {resume} at step {state.step:,} (epoch {state.step / wpe:.2f})")
+    if not kernels_cached():
+        say("compiling kernels (first run only, about a minute)...")
+
+    def request_stop(signum, frame):
+        trainer.stop_requested = signal.Signals(signum).name
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deadline = time.monotonic() + limit if limit is not None else None
+    bar = tqdm(total=total, initial=state.step, unit="step", disable=quiet, dynamic_ncols=True, file=sys.stderr,
+               smoothing=0.1)
+    try:
+        reason, path = trainer.run(total, deadline, bar)
+    except NonFiniteLoss as e:
+        bar.close()
+        print(f"Error: {e}; nothing was saved from that step, the last good checkpoint is "
+              f"{folder.latest if folder.latest.exists() else 'none'}; try a lower --lr (now {cfg.lr}) "
+              f"or --clip (now {cfg.clip})", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        folder.close()
+    best = f"; best val loss {state.best_val_loss:.4f} nats" if math.isfinite(state.best_val_loss) else ""
+    if reason in ("SIGINT", "SIGTERM"):
+        say(f"stopped by {reason} at step {state.step:,}; saved {path}")
+        say(f"resume with: charlstm train --resume {folder.latest}")
+    else:
+        say(f"finished at step {state.step:,} ({reason}){best}; saved {path}")
+    return 0
