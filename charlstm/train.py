@@ -120,6 +120,7 @@ class Trainer:
     def evaluate(self):
         """Validation loss on its own state; True when it is the best so far."""
         s = self.state
+        self.log_train()
         loss, chars = validation_loss(s.params, self.model_cfg, self.val_ids)
         if loss is None:
             return False
@@ -131,13 +132,13 @@ class Trainer:
             return True
         return False
 
-    def log_train(self, elapsed):
+    def log_train(self):
         s = self.state
         if s.log_count == 0:
             return
         mean = s.log_sum / s.log_count
         self.folder.log({"step": s.step, "epoch": s.step / self.windows_per_epoch, "train_loss": mean,
-                         "train_bpc": mean / math.log(2), "chars_seen": s.chars_seen, "elapsed": round(elapsed, 3)})
+                         "train_bpc": mean / math.log(2), "chars_seen": s.chars_seen})
         s.log_sum, s.log_count = 0.0, 0
 
     def run(self, total_steps, deadline, bar):
@@ -158,7 +159,7 @@ class Trainer:
             loss = self.step()
             elapsed = time.monotonic() - start
             if s.step % LOG_EVERY == 0:
-                self.log_train(elapsed)
+                self.log_train()
             best = self.evaluate() if cfg.eval_every and s.step % cfg.eval_every == 0 else False
             if best or (cfg.save_every and s.step % cfg.save_every == 0):
                 self.save(best)

@@ -1,0 +1,38 @@
+import pytest
+from click.testing import CliRunner
+
+from charlstm.cli import cli
+
+SHAKESPEARE_HEAD = """First Citizen:
+Before we proceed any further, hear me speak.
+
+All:
+Speak, speak.
+
+First Citizen:
+You are all resolved rather to die than to famish?
+
+All:
+Resolved. resolved.
+
+First Citizen:
+First, you know Caius Marcius is chief enemy to the people.
+"""
+
+# A tiny model and corpus: an epoch is 29 windows, so 40 steps cross an epoch boundary.
+TINY = ["--hidden", "12", "--layers", "2", "--batch-size", "4", "--seq-length", "8", "--eval-every", "5",
+        "--save-every", "10", "--threads", "1"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text((SHAKESPEARE_HEAD * 3)[:1000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def run_cli():
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return run

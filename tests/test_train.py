@@ -1,0 +1,154 @@
+"""Training runs end to end through the CLI: exact resume, determinism, interrupts, checkpoint
+rotation, fine-tuning and NaN handling."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from charlstm import network
+from charlstm.checkpoint import load_checkpoint
+from charlstm.train import EXIT_NONFINITE
+
+from tests.conftest import TINY
+
+
+def arrays(path):
+    ckpt = load_checkpoint(path)
+    return {name: getattr(ckpt, name).tobytes() for name in ("params", "adagrad", "h", "c")}
+
+
+def losses(run_dir):
+    """Every loss in metrics.jsonl, by (step, key)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key in ("train_loss", "val_loss"):
+            if key in record:
+                out[(record["step"], key)] = record[key]
+    return out
+
+
+def test_resume_is_exact_byte_for_byte(tmp_path, corpus, run_cli):
+    straight = run_cli("train", corpus, *TINY, "--steps", 40, "--out", tmp_path, "--run", "straight", "--quiet")
+    assert straight.exit_code == 0, straight.output
+    first = run_cli("train", corpus, *TINY, "--steps", 20, "--out", tmp_path, "--run", "split", "--quiet")
+    assert first.exit_code == 0
+    second = run_cli("train", "--resume", tmp_path / "split" / "latest.npz", "--steps", 40, "--quiet")
+    assert second.exit_code == 0, second.output
+    assert arrays(tmp_path / "straight" / "latest.npz") == arrays(tmp_path / "split" / "latest.npz")
+    assert load_checkpoint(tmp_path / "split" / "latest.npz").manifest["step"] == 40
+    straight_losses = losses(tmp_path / "straight")
+    assert len(straight_losses) >= 16 and straight_losses == losses(tmp_path / "split")
+
+
+def test_same_options_same_bytes(tmp_path, corpus, run_cli):
+    for run in ("a", "b"):
+        assert run_cli("train", corpus, *TINY, "--steps", 12, "--out", tmp_path, "--run", run, "--quiet").exit_code == 0
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.npz"))
+    assert names == sorted(p.name for p in (tmp_path / "b").glob("*.npz"))
+    assert {"best.npz", "latest.npz", "step-00000010.npz", "step-00000012.npz"} <= set(names)
+    for name in names:
+        a = load_checkpoint(tmp_path / "a" / name)
+        b = load_checkpoint(tmp_path / "b" / name)
+        assert arrays(tmp_path / "a" / name) == arrays(tmp_path / "b" / name)
+        assert a.manifest["checksum"] == b.manifest["checksum"]
+
+
+def test_loss_falls(tmp_path, corpus, run_cli):
+    result = run_cli("train", corpus, *TINY, "--steps", 60, "--lr", 0.1, "--out", tmp_path, "--run", "r", "--quiet")
+    assert result.exit_code == 0
+    train = [v for (step, key), v in sorted(losses(tmp_path / "r").items()) if key == "train_loss"]
+    assert len(train) == 12
+    assert train[0] > train[-1] + 0.5, train  # from ~ln(vocab) towards the text's statistics
+
+
+def test_keep_rotates_step_files(tmp_path, corpus, run_cli):
+    result = run_cli("train", corpus, *TINY, "--steps", 9, "--save-every", 2, "--keep", 2, "--out", tmp_path,
+                     "--run", "r", "--quiet")
+    assert result.exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "r").glob("step-*.npz")) == ["step-00000008.npz", "step-00000009.npz"]
+    assert (tmp_path / "r" / "latest.npz").exists() and (tmp_path / "r" / "best.npz").exists()
+
+
+def test_output_reports_progress_and_where(tmp_path, corpus, run_cli):
+    result = run_cli("train", corpus, *TINY, "--steps", 10, "--out", tmp_path, "--run", "r")
+    assert result.exit_code == 0
+    assert "parameters" in result.stdout and "chars per step" in result.stdout
+    assert "val loss" in result.stdout and "bits/char" in result.stdout
+    assert str(tmp_path / "r") in result.stdout
+
+
+def test_resume_refuses_another_corpus(tmp_path, corpus, run_cli):
+    assert run_cli("train", corpus, *TINY, "--steps", 5, "--out", tmp_path, "--run", "r", "--quiet").exit_code == 0
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[::-1])
+    latest = tmp_path / "r" / "latest.npz"
+    before = latest.read_bytes()
+    result = run_cli("train", other, "--resume", latest, "--steps", 10)
+    assert result.exit_code != 0 and "--init-from" in result.stderr
+    assert latest.read_bytes() == before
+
+
+def test_init_from_fine_tunes_and_checks_vocab(tmp_path, corpus, run_cli):
+    assert run_cli("train", corpus, *TINY, "--steps", 5, "--out", tmp_path, "--run", "base", "--quiet").exit_code == 0
+    base = tmp_path / "base" / "latest.npz"
+    subset = tmp_path / "subset.txt"
+    subset.write_text("Speak, speak. " * 100)
+    tuned = run_cli("train", subset, "--init-from", base, "--batch-size", 2, "--seq-length", 8, "--steps", 3,
+                    "--out", tmp_path, "--run", "tuned", "--quiet")
+    assert tuned.exit_code == 0, tuned.output
+    ckpt = load_checkpoint(tmp_path / "tuned" / "latest.npz")
+    assert ckpt.model_config == load_checkpoint(base).model_config and ckpt.manifest["step"] == 3
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("Zebras & quokkas! " * 50)
+    result = run_cli("train", foreign, "--init-from", base, "--out", tmp_path, "--run", "x", "--steps", 2)
+    assert result.exit_code != 0 and "'Z'" in result.stderr and "'q'" in result.stderr
+
+
+def test_non_finite_loss_stops_without_saving_it(tmp_path, corpus, run_cli, monkeypatch):
+    assert run_cli("train", corpus, *TINY, "--steps", 10, "--out", tmp_path, "--run", "r", "--quiet").exit_code == 0
+    latest = tmp_path / "r" / "latest.npz"
+    before = latest.read_bytes()
+    real_loss = network.loss
+    calls = []
+
+    def poisoned(params, ws, y):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else real_loss(params, ws, y)
+
+    monkeypatch.setattr(network, "loss", poisoned)
+    result = run_cli("train", "--resume", latest, "--steps", 20)
+    assert result.exit_code == EXIT_NONFINITE
+    assert "step 13" in result.stderr and "--lr" in result.stderr and "Traceback" not in result.output
+    assert latest.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "r").glob("step-*.npz"))[-1] == "step-00000010.npz"
+
+
+def test_sigint_saves_and_resume_matches_straight_run(tmp_path, corpus, run_cli):
+    """A real SIGINT to a real training process: it saves at the step boundary, exits 0 and says
+    how to resume; resuming to step N gives the bytes of a straight N-step run."""
+    cmd = [sys.executable, "-m", "charlstm", "train", str(corpus), *TINY, "--save-every", "0", "--eval-every", "0",
+           "--steps", "100000", "--out", str(tmp_path), "--run", "killed"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and "/100000" not in err_path.read_text():
+            time.sleep(0.1)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    err = err_path.read_text()
+    assert proc.returncode == 0, err
+    assert "stopped by SIGINT" in out and "charlstm train --resume" in out and "Traceback" not in err
+    step = load_checkpoint(tmp_path / "killed" / "latest.npz").manifest["step"]
+    assert step > 0
+    target = step + 7
+    assert run_cli("train", "--resume", tmp_path / "killed" / "latest.npz", "--steps", target, "--quiet").exit_code == 0
+    straight = run_cli("train", corpus, *TINY, "--save-every", 0, "--eval-every", 0, "--steps", target, "--out", tmp_path,
+                       "--run", "straight", "--quiet")
+    assert straight.exit_code == 0
+    assert arrays(tmp_path / "killed" / "latest.npz") == arrays(tmp_path / "straight" / "latest.npz")
