@@ -91,12 +91,14 @@ def _like_impl(x, value):
 
 @kernel
 def transpose_into(W, WT):
-    """WT = W.T, both C-contiguous: (R, C) -> (C, R). Done once per step so every per-step read is
-    a contiguous row."""
+    """WT = W.T, both C-contiguous: (R, C) -> (C, R), in 32x32 tiles so reads and writes both stay in
+    cache. Done once per step so every per-step read is a contiguous row."""
     R, C = W.shape
-    for r in range(R):
-        for col in range(C):
-            WT[col, r] = W[r, col]
+    for r0 in range(0, R, 32):
+        for c0 in range(0, C, 32):
+            for col in range(c0, min(c0 + 32, C)):
+                for r in range(r0, min(r0 + 32, R)):  # contiguous writes: strided ones alias in cache
+                    WT[col, r] = W[r, col]
 
 
 @kernel
@@ -172,7 +174,8 @@ def lstm_backward(gates, c, tc, peep, Wh, dH, dA, dh, dc):
 
     gates (T, B, G)   i, f, o, g from the forward;  c (T+1, B, H);  tc (T, B, H) = tanh(c_t)
     peep  (3H,)       (length 0 when off);  Wh (G, H)
-    dH    (T, B, H)   in: dloss/dh_t from above (output layer, or the next layer's input)
+    dH    (T, B, H)   in: dloss/dh_t from above (output layer, or the next layer's input);
+                      overwritten with the total dloss/dh_t
     dA    (T, B, G)   out: dloss/d(gate pre-activations), for the batched weight gradients
     dh, dc (B, H)     in: gradient arriving from after the window (zero under truncation);
                       out: dloss/dh_0, dloss/dc_0
@@ -182,25 +185,28 @@ def lstm_backward(gates, c, tc, peep, Wh, dH, dA, dh, dc):
     peepholes = peep.shape[0] > 0
     for t in range(T - 1, -1, -1):
         for s in range(B):
+            # Short passes, each over few enough arrays for LLVM to vectorize.
             gs, das, c_prev, tcs, dHs, dhs, dcs = gates[t, s], dA[t, s], c[t, s], tc[t, s], dH[t, s], dh[s], dc[s]
             for k in range(H):
-                i, f, o, g = gs[k], gs[H + k], gs[2 * H + k], gs[3 * H + k]
-                dht = dHs[k] + dhs[k]
-                tct = tcs[k]
+                dHs[k] += dhs[k]  # dloss/dh_t: from above, and from step t+1 through Wh
+            for k in range(H):
                 # forward: h = o * tanh(c)   so: do = dh * tanh(c), dc += dh * o * (1 - tanh(c)^2)
-                da_o = dht * tct * (o - o * o)
-                dct = dcs[k] + dht * o - dht * o * tct * tct
-                if peepholes:
-                    dct += peep[2 * H + k] * da_o  # a_o saw c_t through its peephole
+                o, tct, dht = gs[2 * H + k], tcs[k], dHs[k]
+                das[2 * H + k] = dht * tct * (o - o * o)
+                dcs[k] += dht * o - dht * o * tct * tct
+            if peepholes:
+                for k in range(H):
+                    dcs[k] += peep[2 * H + k] * das[2 * H + k]  # a_o saw c_t through its peephole
+            for k in range(H):
                 # forward: c = f * c_prev + i * g
-                da_i = dct * g * (i - i * i)
-                da_f = dct * c_prev[k] * (f - f * f)
-                da_g = dct * i - dct * i * g * g
-                dc_prev = dct * f
-                if peepholes:
-                    dc_prev += peep[k] * da_i + peep[H + k] * da_f
-                dcs[k] = dc_prev
-                das[k], das[H + k], das[2 * H + k], das[3 * H + k] = da_i, da_f, da_o, da_g
+                i, f, g, dct = gs[k], gs[H + k], gs[3 * H + k], dcs[k]
+                das[k] = dct * g * (i - i * i)
+                das[H + k] = dct * c_prev[k] * (f - f * f)
+                das[3 * H + k] = dct * i - dct * i * g * g
+                dcs[k] = dct * f
+            if peepholes:
+                for k in range(H):
+                    dcs[k] += peep[k] * das[k] + peep[H + k] * das[H + k]
         np.dot(dA[t], Wh, dh)  # forward: z = h_{t-1} @ Wh.T   so: dh_{t-1} = dz @ Wh
 
 
@@ -286,3 +292,211 @@ def softmax_xent(Htop, Wy, by, y, P):
     return total / N
 
 
+
+
+# ---- one stream, step by step (sampling and eval)
+#
+# One stream (B = 1) advanced one character at a time: sampling, priming, scoring a file. A step
+# reads every recurrent weight once (12.6 MB at H=512, L=2 in float32), so it is bound by memory
+# bandwidth, not arithmetic: the work is one sweep over the weight rows, split across threads in
+# blocks of hidden units. A block owns units [lo, hi): it dots their four gate rows k, H+k, 2H+k,
+# 3H+k with the input vector in one loop (each input element loaded once for four rows), then runs
+# their gates, cell and output. A thread gets the same block every step, so its rows stay in its
+# core's cache when they fit.
+
+from numba import get_num_threads, prange  # noqa: E402  (only this section uses them)
+
+
+def parallel_kernel(fn):
+    """`kernel` with parallel=True: its prange loops run on Numba's threads (NUMBA_NUM_THREADS)."""
+    return njit(cache=True, fastmath=set(FASTMATH), error_model="numpy", nogil=True, parallel=True)(fn)
+
+
+@parallel_kernel
+def cell_step(W, v, a, peep, c, z, h_out):
+    """One step of one layer of one stream.
+
+    W     (G, K)  weights against the input vector v (K,): Wh with v = h_{t-1}, or [Wx | Wh]
+                  (G, 2H) with v = [h_t of the layer below | h_{t-1}]
+    a     (G,)    the rest of the pre-activation: the bias, plus layer 0's one-hot input column
+    peep  (3H,)   peephole weights i, f, o; length 0 when off
+    c     (H,)    in: c_{t-1}; out: c_t
+    z     (G,)    workspace: the pre-activations
+    h_out (H,)    out: h_t. Must not alias v: other blocks may still be reading h_{t-1}.
+    """
+    H = c.shape[0]
+    K = v.shape[0]
+    blocks = min(get_num_threads(), H)
+    peepholes = peep.shape[0] > 0
+    zero = like(c[0], 0.0)
+    for b in prange(blocks):
+        lo, hi = b * H // blocks, (b + 1) * H // blocks
+        for k in range(lo, hi):
+            wi, wf, wo, wg = W[k], W[H + k], W[2 * H + k], W[3 * H + k]
+            si, sf, so, sg = zero, zero, zero, zero
+            for j in range(K):
+                vj = v[j]
+                si += wi[j] * vj
+                sf += wf[j] * vj
+                so += wo[j] * vj
+                sg += wg[j] * vj
+            z[k], z[H + k], z[2 * H + k], z[3 * H + k] = a[k] + si, a[H + k] + sf, a[2 * H + k] + so, a[3 * H + k] + sg
+        # The gates in short passes over the block, each simple enough to vectorize.
+        if peepholes:
+            for k in range(lo, hi):
+                z[k] += peep[k] * c[k]
+                z[H + k] += peep[H + k] * c[k]
+        for k in range(lo, hi):
+            c[k] = sigmoid(z[H + k]) * c[k] + sigmoid(z[k]) * tanh(z[3 * H + k])  # c = f * c_prev + i * g
+        if peepholes:
+            for k in range(lo, hi):
+                z[2 * H + k] += peep[2 * H + k] * c[k]  # the output gate peeks at the new cell
+        for k in range(lo, hi):
+            h_out[k] = sigmoid(z[2 * H + k]) * tanh(c[k])
+
+
+@kernel
+def lstm_forward_stream(A, Wh, peep, h, c, z, Hout):
+    """One layer of one stream over T steps (scoring a file layer by layer, so that the input and
+    output products batch over time and only Wh is read per step).
+
+    A (T, G) input term + bias per step; Wh (G, H); peep (3H,) or (0,); z (G,) workspace;
+    h, c (H,) in: the carried state, out: the state after the last step; Hout (T, H) out: h_t.
+    """
+    T = A.shape[0]
+    cell_step(Wh, h, A[0], peep, c, z, Hout[0])
+    for t in range(1, T):
+        cell_step(Wh, Hout[t - 1], A[t], peep, c, z, Hout[t])
+    h[:] = Hout[T - 1]
+
+
+@kernel
+def stream_step(net, x, h, c, work):
+    """Feed the char id x to every layer of one stream: h, c (L, H) in/out.
+
+    net  (WxT0 (V, G), Wh0 (G, H), Wcat (L-1, G, 2H), bias (L, G), peep (L, 3H) or (L, 0), ...)
+         where Wcat[l-1] = [Wx | Wh] of layer l: its input vector [h_t below | h_{t-1}] is the
+         contiguous slice h[l-1:l+1] once layer l-1 has been updated in place.
+    work (a (G,), z (G,), hn (H,), ...)
+    """
+    WxT0, Wh0, Wcat, bias, peep = net[0], net[1], net[2], net[3], net[4]
+    a, z, hn = work[0], work[1], work[2]
+    L, H = h.shape
+    row, b0 = WxT0[x], bias[0]
+    for j in range(a.shape[0]):
+        a[j] = row[j] + b0[j]  # one-hot input: a column of Wx
+    cell_step(Wh0, h[0], a, peep[0], c[0], z, hn)
+    h[0, :] = hn
+    flat = h.reshape(L * H)
+    for l in range(1, L):
+        cell_step(Wcat[l - 1], flat[(l - 1) * H:(l + 1) * H], bias[l], peep[l], c[l], z, hn)
+        h[l, :] = hn
+
+
+@kernel
+def feed_stream(net, ids, h, c, work):
+    """Feed the ids (n,) one by one (a prime warming the state)."""
+    for n in range(ids.shape[0]):
+        stream_step(net, ids[n], h, c, work)
+
+
+@kernel
+def select_top(logits, k, order):
+    """order[:n] = the ids of the k largest logits, largest first, ties to the lower id; returns
+    n = min(k, V). k <= 0 or k >= V keeps every id in id order. Insertion into a sorted list of
+    k: cheap for the small k people use, no allocation."""
+    V = logits.shape[0]
+    if k <= 0 or k >= V:
+        for v in range(V):
+            order[v] = v
+        return V
+    n = 0
+    for v in range(V):
+        value = logits[v]
+        if n == k and not value > logits[order[k - 1]]:
+            continue  # not above the smallest kept (a tie keeps the earlier, lower id)
+        i = n if n < k else k - 1
+        while i > 0 and logits[order[i - 1]] < value:
+            order[i] = order[i - 1]
+            i -= 1
+        order[i] = v
+        n = min(n + 1, k)
+    return n
+
+
+@kernel
+def draw(logits, inv_temp, top_k, greedy, u, p, order):
+    """The next char id from logits (V,) float64.
+
+    greedy: the argmax (ties to the lowest id). Otherwise inverse CDF at the uniform u in [0, 1) of
+    softmax(logits * inv_temp) over the top_k largest logits (all when top_k <= 0).
+    p, order (V,) workspaces, float64 and int64.
+    """
+    V = logits.shape[0]
+    if greedy:
+        best = 0
+        for v in range(1, V):
+            if logits[v] > logits[best]:
+                best = v
+        return best
+    n = select_top(logits, top_k, order)
+    m = logits[order[0]]
+    for i in range(1, n):
+        m = max(m, logits[order[i]])
+    total = 0.0
+    for i in range(n):
+        p[i] = math.exp((logits[order[i]] - m) * inv_temp)
+        total += p[i]
+    target = u * total
+    acc, last = 0.0, 0
+    for i in range(n):
+        if p[i] > 0.0:
+            acc += p[i]
+            last = i
+            if acc > target:
+                return order[i]
+    return order[last]  # u * total rounded up to the full sum
+
+
+@kernel
+def sample_stream(net, x, h, c, u, inv_temp, top_k, greedy, work, out):
+    """Generate out.shape[0] char ids (n,) from one stream: feed x, draw the next id with the
+    uniform u[n], feed it, and so on. A following call continues with x = out[-1].
+
+    net (..., Wy (V, H), by (V,)); work (a, z, hn, logits (V,) float64, p (V,) float64,
+    order (V,) int64). Other arguments as in stream_step and draw.
+    """
+    Wy, by = net[5], net[6]
+    logits, p, order = work[3], work[4], work[5]
+    V, H = Wy.shape
+    top = h[h.shape[0] - 1]
+    for n in range(out.shape[0]):
+        stream_step(net, x, h, c, work)
+        for v in range(V):
+            row = Wy[v]
+            s = by[v]
+            for k in range(H):
+                s += row[k] * top[k]
+            logits[v] = s
+        x = draw(logits, inv_temp, top_k, greedy, u[n], p, order)
+        out[n] = x
+
+
+@kernel
+def nll_sum(Htop, Wy, by, y, P):
+    """Sum over N positions of -log softmax(Htop @ Wy.T + by)[y], accumulated in float64.
+    Htop (N, H), Wy (V, H), by (V,), y (N,) target ids, P (N, V) workspace."""
+    np.dot(Htop, Wy.T, P)
+    N, V = P.shape
+    total = 0.0
+    for n in range(N):
+        row = P[n]
+        m = row[0] + by[0]
+        for v in range(V):
+            row[v] += by[v]
+            m = max(m, row[v])
+        s = 0.0
+        for v in range(V):
+            s += math.exp(np.float64(row[v] - m))
+        total += math.log(s) - np.float64(row[y[n]] - m)
+    return total
