@@ -99,6 +99,53 @@ def info(checkpoint, as_json):
 
 
 @cli.command()
+@click.argument("corpus", required=False, type=click.Path())
+@click.option("--hidden", type=POSITIVE, help="Hidden units per layer.")
+@click.option("--batch-size", type=POSITIVE, help="Streams per step.")
+@click.option("--seq-length", type=POSITIVE, help="Steps per window.")
+@click.option("--layers", type=POSITIVE, help="Stacked layers.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
+              help="Time each shape for at least this long (after 3 warm-up steps).")
+@click.option("--threads", type=POSITIVE, help="Threads for kernels and BLAS (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: chars_per_s, gflops.")
+def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, as_json):
+    """Time full training steps (forward, backward, clipping, Adagrad) on CORPUS.
+
+    Prints chars/s and the achieved GFLOP/s of the useful matrix products. With no shape options
+    it runs the grid of shapes the project is measured on and prints a table.
+
+    \b
+    Examples:
+      charlstm bench --hidden 256 --batch-size 32 --seq-length 64 --layers 1
+      charlstm bench            # the whole grid
+    """
+    set_threads(threads)
+    import json
+
+    import tempfile
+
+    from charlstm.bench import GRID, measure
+    from charlstm.data import load_corpus
+    from charlstm.train import bundled_corpus
+
+    with tempfile.TemporaryDirectory() as cache:
+        data = load_corpus(corpus or bundled_corpus(), cache)
+        shape_given = any(v is not None for v in (hidden, batch_size, seq_length, layers))
+        grid = [(hidden or 256, batch_size or 32, seq_length or 64, layers or 1)] if shape_given else GRID
+        rows = []
+        for H, B, T, L in grid:
+            rows.append(((H, B, T, L), measure(data.ids, data.vocab, H, B, T, L, seconds)))
+    if as_json:
+        result = rows[0][1] if shape_given else [{"hidden": H, "batch_size": B, "seq_length": T, "layers": L, **r}
+                                                 for (H, B, T, L), r in rows]
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{'H':>5} {'B':>4} {'T':>4} {'L':>3} {'chars/s':>12} {'GFLOP/s':>9}")
+    for (H, B, T, L), r in rows:
+        click.echo(f"{H:>5} {B:>4} {T:>4} {L:>3} {r['chars_per_s']:>12,.0f} {r['gflops']:>9.1f}")
+
+
+@cli.command()
 @click.option("--hidden", type=POSITIVE, default=8, show_default=True, help="Hidden units per layer.")
 @click.option("--layers", type=POSITIVE, default=2, show_default=True, help="LSTM layers.")
 @click.option("--peepholes/--no-peepholes", default=True, show_default=True, help="Check peephole weights too.")

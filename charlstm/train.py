@@ -52,6 +52,23 @@ class State:
     rng_state: dict | None = None
 
 
+def train_step(params, grads, adagrad, ws, x, y, h, c, cfg):
+    """Forward, backward, clip and Adagrad on one window x, y (T, B) from state h, c (L, B, H),
+    which then holds the window's final state. Returns the loss; raises NonFiniteLoss, before
+    touching params, if the loss or gradients are NaN or infinite."""
+    network.forward(params, ws, x, h, c)
+    loss = network.loss(params, ws, y)
+    network.backward(params, grads, ws, x)
+    sumsq = sum_of_squares(grads)
+    if not (math.isfinite(loss) and math.isfinite(sumsq)):
+        raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'}")
+    clip_gradients(grads, cfg.clip, cfg.clip_mode, sumsq)
+    adagrad_update(params, grads, adagrad, cfg.lr, ADAGRAD_EPS)
+    h[:] = ws.h[:, -1]
+    c[:] = ws.c[:, -1]
+    return loss
+
+
 class Trainer:
     def __init__(self, model_cfg, train_cfg, corpus, folder, state, say):
         self.model_cfg, self.cfg, self.corpus, self.folder, self.state, self.say = (
@@ -78,17 +95,7 @@ class Trainer:
             s.h[:] = 0
             s.c[:] = 0
         x, y = self.batcher.window(k)
-        network.forward(s.params, self.ws, x, s.h, s.c)
-        loss = network.loss(s.params, self.ws, y)
-        network.backward(s.params, self.grads, self.ws, x)
-        sumsq = sum_of_squares(self.grads)
-        if not (math.isfinite(loss) and math.isfinite(sumsq)):
-            raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'} "
-                                f"at step {s.step + 1}")
-        clip_gradients(self.grads, cfg.clip, cfg.clip_mode, sumsq)
-        adagrad_update(s.params, self.grads, s.adagrad, cfg.lr, ADAGRAD_EPS)
-        s.h[:] = self.ws.h[:, -1]
-        s.c[:] = self.ws.c[:, -1]
+        loss = train_step(s.params, self.grads, s.adagrad, self.ws, x, y, s.h, s.c, cfg)
         s.step += 1
         s.chars_seen += cfg.batch_size * cfg.seq_length
         s.log_sum += loss
@@ -302,7 +309,7 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
         reason, path = trainer.run(total, deadline, bar)
     except NonFiniteLoss as e:
         bar.close()
-        print(f"Error: {e}; nothing was saved from that step, the last good checkpoint is "
+        print(f"Error: {e} at step {state.step + 1}; nothing was saved from that step, the last good checkpoint is "
               f"{folder.latest if folder.latest.exists() else 'none'}; try a lower --lr (now {cfg.lr}) "
               f"or --clip (now {cfg.clip})", file=sys.stderr)
         return EXIT_NONFINITE
