@@ -18,7 +18,47 @@ def set_threads(threads):
             os.environ[var] = str(threads)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """The `charlstm` group: every error, click's usage errors included, is one line on stderr.
+
+    click's standalone mode prints a usage error as four lines (usage, hint, blank, error), so main
+    runs click in non-standalone mode and reports errors itself: a usage error exits 2, any other
+    ClickException (UserError, CheckpointError) its exit_code (1), Ctrl-C outside training 130.
+    `--help`, `--version` and ctx.exit(n) come back as exit codes; sys.exit(n) in a command passes
+    through untouched. An explicit main(standalone_mode=False) keeps click's own behaviour.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `charlstm`: the help text
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"Error: {one_line(e.format_message())}{help_hint(e)}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort as e:
+            click.echo("Aborted!", err=True)
+            sys.exit(130 if isinstance(e.__cause__, KeyboardInterrupt) else 1)  # 128 + SIGINT
+        # Commands return None; an int here is the code of ctx.exit(n), --help or --version.
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def one_line(message):
+    return " ".join(message.split())
+
+
+def help_hint(error):
+    """' (see 'charlstm train --help')' for a usage error that knows its command, else ''."""
+    ctx = getattr(error, "ctx", None)
+    if not isinstance(error, click.UsageError) or ctx is None or ctx.command.get_help_option(ctx) is None:
+        return ""
+    return f" (see '{ctx.command_path} {max(ctx.command.get_help_option_names(ctx), key=len)}')"
+
+
+@click.group("charlstm", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="charlstm")
 def cli():
     """Train character-level LSTM language models on the CPU, sample text from them, score text.

@@ -2,10 +2,12 @@
 
 One process at a time may write a run folder: RunFolder holds an exclusive flock on `.lock` for its
 lifetime (the kernel drops it when the process dies, even by kill -9, so a stale lock never
-blocks a resume).
+blocks a resume). A process killed while saving leaves a temp file `.<name>.tmp-<pid>` (see
+checkpoint.atomic_write); the next RunFolder on the folder removes those of dead processes.
 """
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -15,6 +17,18 @@ from charlstm.checkpoint import atomic_write, save_checkpoint
 from charlstm.errors import UserError
 
 STEP_FILE = re.compile(r"^step-(\d{8})\.npz$")
+TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_write's temp names
+
+
+def check_out(out):
+    """Refuse an --out that cannot become a writable folder, before any work (and creating nothing)."""
+    existing = Path(out).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {existing} (permission denied); choose another --out")
 
 
 def new_run_name(out, stem):
@@ -50,6 +64,14 @@ class RunFolder:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self):
+        """Temp files of processes that died mid-save (kill -9, power cut): never a checkpoint."""
+        for path in self.path.iterdir():
+            match = TEMP_FILE.match(path.name)
+            if match and not _alive(int(match.group(1))):
+                path.unlink(missing_ok=True)
 
     def close(self):
         self._lock.close()
@@ -74,16 +96,41 @@ class RunFolder:
 
     def log(self, record):
         """Append one JSON line to metrics.jsonl."""
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as e:  # disk full, folder removed: one line, like a failed checkpoint write
+            raise UserError(f"{self.path / 'metrics.jsonl'}: cannot write: {e.strerror or e}; check the "
+                            "folder exists, is writable and has space") from None
 
     def truncate_log(self, step):
-        """Drop metrics lines past `step`: a resumed run rewrites what came after its checkpoint."""
+        """Drop metrics lines past `step`: a resumed run rewrites what came after its checkpoint.
+        A line cut short by a crash is dropped too. Rewritten atomically, so a kill keeps the log."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _step_of(line):
+    """A metrics line's step; inf for a line that a crash cut short (so that it is dropped)."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    return True
 
 
 def _atomic_copy(src, dst):

@@ -21,7 +21,7 @@ from charlstm.data import Batcher, file_sha256, load_corpus, split
 from charlstm.errors import UserError
 from charlstm.model import init_params, param_count
 from charlstm.optim import ADAGRAD_EPS, adagrad_update, clip_gradients, sum_of_squares
-from charlstm.runs import RunFolder, new_run_name
+from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.validate import validation_loss
 
 EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN/inf
@@ -225,6 +225,7 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding):
     """Model, corpus, folder and state of a fresh run (from scratch, or from init_from's weights)."""
     corpus_path = corpus_path or bundled_corpus()
     out = Path(out)
+    check_out(out)
     cache = out / ".corpus-cache"
     if init_from:
         ckpt = load_checkpoint(init_from)
