@@ -304,7 +304,7 @@ def softmax_xent(Htop, Wy, by, y, P):
 # their gates, cell and output. A thread gets the same block every step, so its rows stay in its
 # core's cache when they fit.
 
-from numba import get_num_threads, prange  # noqa: E402  (only this section uses them)
+from numba import prange  # noqa: E402  (only this section uses it)
 
 
 def parallel_kernel(fn):
@@ -313,7 +313,7 @@ def parallel_kernel(fn):
 
 
 @parallel_kernel
-def cell_step(W, v, a, peep, c, z, h_out):
+def cell_step(W, v, a, peep, c, z, h_out, blocks):
     """One step of one layer of one stream.
 
     W     (G, K)  weights against the input vector v (K,): Wh with v = h_{t-1}, or [Wx | Wh]
@@ -323,10 +323,12 @@ def cell_step(W, v, a, peep, c, z, h_out):
     c     (H,)    in: c_{t-1}; out: c_t
     z     (G,)    workspace: the pre-activations
     h_out (H,)    out: h_t. Must not alias v: other blocks may still be reading h_{t-1}.
+    blocks        how many unit blocks (threads) to split the work into; the caller passes
+                  numba.get_num_threads() (called in here, it would stop Numba caching the kernel)
     """
     H = c.shape[0]
     K = v.shape[0]
-    blocks = min(get_num_threads(), H)
+    blocks = max(1, min(blocks, H))
     peepholes = peep.shape[0] > 0
     zero = like(c[0], 0.0)
     for b in prange(blocks):
@@ -356,28 +358,29 @@ def cell_step(W, v, a, peep, c, z, h_out):
 
 
 @kernel
-def lstm_forward_stream(A, Wh, peep, h, c, z, Hout):
+def lstm_forward_stream(A, Wh, peep, h, c, z, Hout, blocks):
     """One layer of one stream over T steps (scoring a file layer by layer, so that the input and
     output products batch over time and only Wh is read per step).
 
     A (T, G) input term + bias per step; Wh (G, H); peep (3H,) or (0,); z (G,) workspace;
-    h, c (H,) in: the carried state, out: the state after the last step; Hout (T, H) out: h_t.
+    h, c (H,) in: the carried state, out: the state after the last step; Hout (T, H) out: h_t;
+    blocks as in cell_step.
     """
     T = A.shape[0]
-    cell_step(Wh, h, A[0], peep, c, z, Hout[0])
+    cell_step(Wh, h, A[0], peep, c, z, Hout[0], blocks)
     for t in range(1, T):
-        cell_step(Wh, Hout[t - 1], A[t], peep, c, z, Hout[t])
+        cell_step(Wh, Hout[t - 1], A[t], peep, c, z, Hout[t], blocks)
     h[:] = Hout[T - 1]
 
 
 @kernel
-def stream_step(net, x, h, c, work):
+def stream_step(net, x, h, c, work, blocks):
     """Feed the char id x to every layer of one stream: h, c (L, H) in/out.
 
     net  (WxT0 (V, G), Wh0 (G, H), Wcat (L-1, G, 2H), bias (L, G), peep (L, 3H) or (L, 0), ...)
          where Wcat[l-1] = [Wx | Wh] of layer l: its input vector [h_t below | h_{t-1}] is the
          contiguous slice h[l-1:l+1] once layer l-1 has been updated in place.
-    work (a (G,), z (G,), hn (H,), ...)
+    work (a (G,), z (G,), hn (H,), ...);  blocks as in cell_step
     """
     WxT0, Wh0, Wcat, bias, peep = net[0], net[1], net[2], net[3], net[4]
     a, z, hn = work[0], work[1], work[2]
@@ -385,19 +388,19 @@ def stream_step(net, x, h, c, work):
     row, b0 = WxT0[x], bias[0]
     for j in range(a.shape[0]):
         a[j] = row[j] + b0[j]  # one-hot input: a column of Wx
-    cell_step(Wh0, h[0], a, peep[0], c[0], z, hn)
+    cell_step(Wh0, h[0], a, peep[0], c[0], z, hn, blocks)
     h[0, :] = hn
     flat = h.reshape(L * H)
     for l in range(1, L):
-        cell_step(Wcat[l - 1], flat[(l - 1) * H:(l + 1) * H], bias[l], peep[l], c[l], z, hn)
+        cell_step(Wcat[l - 1], flat[(l - 1) * H:(l + 1) * H], bias[l], peep[l], c[l], z, hn, blocks)
         h[l, :] = hn
 
 
 @kernel
-def feed_stream(net, ids, h, c, work):
+def feed_stream(net, ids, h, c, work, blocks):
     """Feed the ids (n,) one by one (a prime warming the state)."""
     for n in range(ids.shape[0]):
-        stream_step(net, ids[n], h, c, work)
+        stream_step(net, ids[n], h, c, work, blocks)
 
 
 @kernel
@@ -459,7 +462,7 @@ def draw(logits, inv_temp, top_k, greedy, u, p, order):
 
 
 @kernel
-def sample_stream(net, x, h, c, u, inv_temp, top_k, greedy, work, out):
+def sample_stream(net, x, h, c, u, inv_temp, top_k, greedy, work, out, blocks):
     """Generate out.shape[0] char ids (n,) from one stream: feed x, draw the next id with the
     uniform u[n], feed it, and so on. A following call continues with x = out[-1].
 
@@ -471,7 +474,7 @@ def sample_stream(net, x, h, c, u, inv_temp, top_k, greedy, work, out):
     V, H = Wy.shape
     top = h[h.shape[0] - 1]
     for n in range(out.shape[0]):
-        stream_step(net, x, h, c, work)
+        stream_step(net, x, h, c, work, blocks)
         for v in range(V):
             row = Wy[v]
             s = by[v]

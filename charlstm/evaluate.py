@@ -1,0 +1,166 @@
+"""Scoring a file under a model (`charlstm eval`): the file is one stream from zero state, and the
+score is the mean over positions 2..N of -log p(char | all earlier chars), in nats (SPEC §2).
+
+The stream advances layer by layer over windows of WINDOW positions, carrying h and c from one
+window to the next: layer 0's input is a row lookup, the input products of the layers above and
+the output layer (logits, log-softmax, the targets' log-probabilities) are one matrix product per
+window, and only the recurrent product runs step by step (kernels.lstm_forward_stream).
+
+The file is read twice in chunks, never whole: pass 1 counts its characters and finds any outside
+the vocabulary (so that an error comes before the work, and the progress bar knows its total);
+pass 2 decodes, maps to ids and scores. Memory stays constant whatever the file's size.
+"""
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from tqdm import tqdm
+
+from charlstm import kernels
+from charlstm.data import CHUNK_BYTES, MAX_CODE_POINT, _code_points, _decoder, _open
+from charlstm.errors import UserError
+from charlstm.model import views
+from charlstm.sample import show_chars
+
+WINDOW = 1024  # positions per window: enough to make the batched products efficient
+FEED = 1 << 16  # positions between progress-bar updates
+
+
+@dataclass
+class Score:
+    nats_per_char: float
+    chars: int  # predictions scored: the characters kept, minus the first
+    skipped: int = 0  # characters outside the vocabulary, dropped with --unknown skip
+
+    @property
+    def bits_per_char(self):
+        return self.nats_per_char / math.log(2)
+
+    @property
+    def perplexity(self):
+        return math.exp(self.nats_per_char)
+
+
+class Scorer:
+    """Scores one stream of ids fed in any number of pieces, from zero state, in constant memory."""
+
+    def __init__(self, params, config, window=WINDOW):
+        L, H, V, G = config.layers, config.hidden, config.vocab_size, 4 * config.hidden
+        dtype = np.dtype(config.dtype)
+        self.w = {k: np.array(v, dtype=dtype, order="C") for k, v in views(params, config).items()}
+        self.WxT0 = np.ascontiguousarray(self.w["l0.Wx"].T)  # (V, G): the one-hot input is a row lookup
+        self.no_peep = np.zeros(0, dtype)
+        self.config, self.window = config, window
+        self.h, self.c = np.zeros((L, H), dtype), np.zeros((L, H), dtype)
+        self.A, self.z = np.zeros((window, G), dtype), np.zeros(G, dtype)
+        self.out = np.zeros((L, window, H), dtype)  # h_t of every layer over the window
+        self.P = np.zeros((window, V), dtype)
+        self.prev = None  # the last id fed: the input that predicts the next one
+        self.total, self.count = 0.0, 0  # nats summed in float64, predictions made
+
+    def feed(self, ids):
+        """Score each id given everything fed before it (the very first id is not scored)."""
+        ids = np.asarray(ids, dtype=np.int32)
+        if ids.size == 0:
+            return
+        if self.prev is None:
+            self.prev, ids = ids[:1], ids[1:]
+        seq = np.concatenate([self.prev, ids])
+        for start in range(0, len(ids), self.window):
+            T = min(self.window, len(ids) - start)
+            self._window(seq[start:start + T], seq[start + 1:start + T + 1])
+        self.prev = seq[-1:]
+
+    def _window(self, x, y):
+        """x, y (T,): inputs and the targets they predict."""
+        T, w, cfg = len(x), self.w, self.config
+        A, out, blocks = self.A[:T], self.out[:, :T], numba.get_num_threads()
+        kernels.gather_input(self.WxT0, w["l0.b"], x.reshape(T, 1), A.reshape(T, 1, -1))
+        for l in range(cfg.layers):
+            if l > 0:
+                kernels.project_input(out[l - 1], w[f"l{l}.Wx"], w[f"l{l}.b"], A)
+            peep = w.get(f"l{l}.p", self.no_peep)
+            kernels.lstm_forward_stream(A, w[f"l{l}.Wh"], peep, self.h[l], self.c[l], self.z, out[l], blocks)
+        self.total += kernels.nll_sum(out[-1], w["out.W"], w["out.b"], y, self.P[:T])
+        self.count += T
+
+    def score(self):
+        return self.total / self.count if self.count else math.nan
+
+
+# ---------------------------------------------------------------------------------------- files
+
+def _read_chunks(path, encoding):
+    """Yield the file's code points, (n,) uint32, a chunk at a time (never the whole file)."""
+    with _open(path) as f:
+        decoder, offset = _decoder(path, encoding), 0
+        while chunk := f.read(CHUNK_BYTES):
+            yield _code_points(decoder, chunk, offset, False, path, encoding)
+            offset += len(chunk)
+        yield _code_points(decoder, b"", offset, True, path, encoding)
+
+
+def _count(path, encoding):
+    """Pass 1: how many times each code point occurs, (MAX_CODE_POINT + 1,) int64."""
+    counts = np.zeros(MAX_CODE_POINT + 1, dtype=np.int64)
+    for cps in _read_chunks(path, encoding):
+        c = np.bincount(cps)
+        counts[:c.size] += c
+    return counts
+
+
+def evaluate_file(params, config, path, encoding="utf-8", unknown="error", progress=True, warn=print):
+    """Score the text file at `path` under the model. Characters outside the vocabulary raise a
+    UserError listing them, or with unknown='skip' are dropped (with a warning) and counted."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file; check the path of the file to score")
+    counts = _count(path, encoding)
+    lut = np.full(MAX_CODE_POINT + 1, -1, dtype=np.int32)  # code point -> id, -1 outside the vocab
+    lut[np.frombuffer(config.vocab.encode("utf-32-le"), dtype=np.uint32)] = np.arange(config.vocab_size)
+    present = np.flatnonzero(counts)
+    missing = present[lut[present] < 0]
+    skipped = int(counts[missing].sum())
+    if skipped:
+        listed = show_chars(map(chr, missing))
+        if unknown != "skip":
+            raise UserError(f"{path}: {skipped} character(s) not in the model's vocabulary: {listed}; "
+                            f"pass --unknown skip to score the rest")
+        warn(f"warning: skipping {skipped} character(s) of {path} not in the model's vocabulary: {listed}")
+    kept = int(counts.sum()) - skipped
+    if kept < 2:
+        raise UserError(f"{path}: {kept} character(s){' after skipping' if skipped else ''}, nothing to "
+                        f"score: a file needs at least 2 (the first is only context)")
+    scorer = Scorer(params, config)
+    with tqdm(total=kept - 1, unit="char", unit_scale=True, desc="scoring", file=sys.stderr,
+              delay=1.0, disable=not progress, dynamic_ncols=True) as bar:
+        for cps in _read_chunks(path, encoding):
+            ids = lut[cps]
+            if skipped:
+                ids = ids[ids >= 0]
+            for start in range(0, len(ids), FEED):
+                before = scorer.count
+                scorer.feed(ids[start:start + FEED])
+                bar.update(scorer.count - before)
+    return Score(scorer.score(), scorer.count, skipped)
+
+
+def report(score, path, as_json=False, skipping=False):
+    """The score as text for people, or (as_json) one JSON object for programs; `skipped` is in
+    the JSON when --unknown skip was given."""
+    if as_json:
+        out = {"nats_per_char": score.nats_per_char, "bits_per_char": score.bits_per_char,
+               "perplexity": score.perplexity, "chars": score.chars}
+        if skipping:
+            out["skipped"] = score.skipped
+        return json.dumps(out)
+    skipped = f" ({score.skipped:,} skipped: not in the vocabulary)" if score.skipped else ""
+    return "\n".join([
+        f"{path}: {score.chars:,} characters scored{skipped}",
+        f"nats/char   {score.nats_per_char:.5f}",
+        f"bits/char   {score.bits_per_char:.5f}",
+        f"perplexity  {score.perplexity:.4f}",
+    ])

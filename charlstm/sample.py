@@ -1,0 +1,184 @@
+"""Sampling: prime the state, step one character at a time, temperature / top-k / argmax, stream out.
+
+`Stream` holds one stream of a model: its weights laid out once for the step kernel (layer 0's
+Wx transposed so the one-hot input is a row lookup; [Wx | Wh] of each layer above fused into one
+(G, 2H) matrix, so a step reads each weight once), its state h, c (L, H), and workspaces.
+
+`generate` yields the text of one sample in pieces as it is made: the prime, then chunks of
+generated characters. A chunk is one kernel call given pre-drawn uniforms, so the output for a
+seed does not depend on the chunk sizes; chunks start small (the first characters show at once)
+and grow to CHUNK_MAX. Memory stays constant however long the sample.
+"""
+import os
+
+import numba
+import numpy as np
+
+from charlstm import kernels
+from charlstm.errors import UserError
+from charlstm.model import views
+
+CHUNK_MIN, CHUNK_MAX = 64, 2048  # characters per kernel call
+
+
+class Stream:
+    """One stream of a model, stepped one character at a time. State starts at zero."""
+
+    def __init__(self, params, config):
+        L, H, V, G = config.layers, config.hidden, config.vocab_size, 4 * config.hidden
+        w, dtype = views(params, config), np.dtype(config.dtype)
+        fresh = lambda a: np.array(a, dtype=dtype, order="C")  # own, writable, C-contiguous copies
+        wcat = np.empty((L - 1, G, 2 * H), dtype=dtype)
+        for l in range(1, L):
+            wcat[l - 1, :, :H], wcat[l - 1, :, H:] = w[f"l{l}.Wx"], w[f"l{l}.Wh"]
+        bias = fresh([w[f"l{l}.b"] for l in range(L)])
+        peep = fresh([w[f"l{l}.p"] for l in range(L)]) if config.peepholes else np.zeros((L, 0), dtype)
+        self.net = (fresh(w["l0.Wx"].T), fresh(w["l0.Wh"]), wcat, bias, peep, fresh(w["out.W"]), fresh(w["out.b"]))
+        self.h, self.c = np.zeros((L, H), dtype), np.zeros((L, H), dtype)
+        self.work = (np.zeros(G, dtype), np.zeros(G, dtype), np.zeros(H, dtype),
+                     np.zeros(V), np.zeros(V), np.zeros(V, np.int64))
+        self.config = config
+        self.codes = np.frombuffer(config.vocab.encode("utf-32-le"), dtype=np.uint32)  # id -> code point
+
+    def reset(self):
+        self.h[:] = 0
+        self.c[:] = 0
+
+    def feed(self, ids):
+        """Advance the state through the ids (a prime)."""
+        kernels.feed_stream(self.net, np.asarray(ids, dtype=np.int64), self.h, self.c, self.work,
+                            numba.get_num_threads())
+
+    def run(self, x, uniforms, temperature=1.0, top_k=0, greedy=False):
+        """Feed id x, then draw and feed one id per uniform; returns the drawn ids (n,) int64."""
+        out = np.empty(len(uniforms), dtype=np.int64)
+        kernels.sample_stream(self.net, x, self.h, self.c, uniforms, 1.0 / temperature, top_k or 0,
+                              greedy, self.work, out, numba.get_num_threads())
+        return out
+
+    def decode(self, ids):
+        return self.codes[ids].tobytes().decode("utf-32-le")
+
+    def encode(self, text):
+        index = {ch: i for i, ch in enumerate(self.config.vocab)}
+        return np.array([index[ch] for ch in text], dtype=np.int64)
+
+
+def show_chars(chars, limit=20):
+    """'a' '\\t' 'é' and 3 more: characters quoted for a one-line message."""
+    chars = sorted(chars)
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return " ".join(repr(ch) for ch in chars[:limit]) + more
+
+
+def check_prime(prime, vocab, unknown="error", warn=print):
+    """The prime with characters outside the vocabulary refused (unknown='error') or dropped with
+    a warning (unknown='skip')."""
+    missing = set(prime) - set(vocab)
+    if not missing:
+        return prime
+    count = sum(ch in missing for ch in prime)
+    if unknown != "skip":
+        raise UserError(f"the prime has {count} character(s) not in the model's vocabulary: "
+                        f"{show_chars(missing)}; remove them, or pass --unknown skip to drop them")
+    warn(f"warning: dropped {count} character(s) of the prime not in the model's vocabulary: "
+         f"{show_chars(missing)}")
+    return "".join(ch for ch in prime if ch not in missing)
+
+
+class _StopMatcher:
+    """Cuts generated text right after the first occurrence of `stop`, also when it spans chunks:
+    it keeps the last len(stop) - 1 characters to search together with the next chunk."""
+
+    def __init__(self, stop):
+        self.stop, self.tail = stop or "", ""
+
+    def cut(self, piece):
+        """(the part of piece to emit, whether the stop string ended it)."""
+        if not self.stop:
+            return piece, False
+        window = self.tail + piece
+        at = window.find(self.stop)
+        if at >= 0:
+            return piece[:at + len(self.stop) - len(self.tail)], True
+        self.tail = window[len(window) - (len(self.stop) - 1):]
+        return piece, False
+
+
+def generate(stream, rng, length, prime="", temperature=1.0, top_k=0, greedy=False, stop=None):
+    """Yield one sample as text pieces: the prime (whose characters must be in the vocabulary),
+    then up to `length` generated characters, ending early right after `stop` if it appears.
+
+    The prime warms the state from zero. Without one, the first character is drawn uniformly from
+    the vocabulary (as char-rnn and torch-rnn do) and counts towards `length`.
+    rng: a numpy Generator; all randomness comes from it, so a seed fixes the output.
+    """
+    stream.reset()
+    stopper, remaining = _StopMatcher(stop), length
+    if prime:
+        ids = stream.encode(prime)
+        stream.feed(ids[:-1])
+        x = int(ids[-1])
+        yield prime
+    elif remaining > 0:
+        x = int(rng.integers(stream.config.vocab_size))
+        remaining -= 1
+        piece, done = stopper.cut(stream.decode([x]))
+        yield piece
+        if done:
+            return
+    size = CHUNK_MIN
+    while remaining > 0:
+        n = min(size, remaining)
+        ids = stream.run(x, rng.random(n), temperature, top_k, greedy)
+        x, remaining, size = int(ids[-1]), remaining - n, min(2 * size, CHUNK_MAX)
+        piece, done = stopper.cut(stream.decode(ids))
+        yield piece
+        if done:
+            return
+
+
+# ---------------------------------------------------------------------------------------- command
+
+def read_prime(prime, prime_file):
+    """The prime text from --prime or --prime-file (UTF-8, read exactly: no newline translation)."""
+    if prime is not None and prime_file is not None:
+        raise UserError("give --prime or --prime-file, not both")
+    if prime_file is None:
+        return prime or ""
+    try:
+        with open(prime_file, encoding="utf-8", newline="") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"{prime_file}: no such file; check the --prime-file path") from None
+    except IsADirectoryError:
+        raise UserError(f"{prime_file}: is a directory; give --prime-file a text file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{prime_file}: not valid UTF-8 at byte offset {e.start}; give --prime-file "
+                        f"a UTF-8 text file") from None
+    except OSError as e:
+        raise UserError(f"{prime_file}: cannot read ({e.strerror}); check the --prime-file path") from None
+
+
+def write_samples(out, params, config, seed, samples, length, prime="", **settings):
+    """Write `samples` samples to the text stream `out` as they are generated, flushing each piece.
+    Each sample ends with a newline; a blank line separates samples. `settings`: temperature,
+    top_k, greedy, stop as in generate. seed None draws fresh entropy (every run differs)."""
+    stream = Stream(params, config)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    for i in range(samples):
+        if i:
+            out.write("\n")
+        for piece in generate(stream, rng, length, prime, **settings):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+
+
+def kernels_cached():
+    """Whether Numba's on-disk cache already holds the sampling kernels (so no compile is coming)."""
+    try:
+        return os.path.exists(kernels.sample_stream._cache._cache_file._index_path)
+    except AttributeError:
+        return True

@@ -1,0 +1,256 @@
+"""Sampling against the plain-NumPy reference: the state a prime leaves, every draw (temperature,
+top-k, argmax) replayed from the same uniforms, and the stream's behaviour (seeds, chunking,
+stop strings, unknown characters, the command line)."""
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from charlstm import kernels, sample
+from charlstm.checkpoint import save_checkpoint
+from charlstm.cli import cli
+from charlstm.config import ModelConfig, TrainConfig
+from charlstm.errors import UserError
+from charlstm.model import param_count, views
+
+from tests import reference
+
+VOCAB = "\n\r !,.:?ACEMORabcdeghilmnorstuw"
+H = 6
+
+
+def make_model(layers=2, peepholes=True, dtype="float64", seed=0, scale=1.0):
+    """Every parameter random (biases and peepholes too): a model with sharp, varied predictions."""
+    config = ModelConfig(VOCAB, hidden=H, layers=layers, peepholes=peepholes, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-scale, scale, param_count(config)).astype(dtype), config
+
+
+def ref_logits(params, config, ids):
+    """Reference logits (V,) after feeding ids from zero state, and the final h, c (L, H)."""
+    p = {k: v.astype(np.float64) for k, v in views(params, config).items()}
+    x = np.asarray(ids)[None, :]
+    zero = np.zeros((config.layers, 1, H))
+    _, (_, top, _), h, c = reference.forward(p, x, x, zero, zero, config.layers, config.peepholes)
+    return top[-1][0] @ p["out.W"].T + p["out.b"], h[:, 0], c[:, 0]
+
+
+def ref_sample(params, config, prime, length, seed, temperature=1.0, top_k=0, greedy=False):
+    """The reference sampler: recompute the whole history each step, draw by inverse CDF with the
+    same uniforms (one rng.random() per generated char, in order)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    ids = [VOCAB.index(ch) for ch in prime]
+    for _ in range(length):
+        logits, _, _ = ref_logits(params, config, ids)
+        u = rng.random()
+        if greedy:
+            ids.append(int(np.argmax(logits)))
+            continue
+        order = np.arange(len(VOCAB))  # the CDF runs in id order, or over the top k, largest first
+        if top_k:
+            order = np.argsort(-logits, kind="stable")[:top_k]  # ties: lower id first
+        p = np.exp((logits[order] - logits[order].max()) / temperature)
+        ids.append(int(order[np.searchsorted(np.cumsum(p), u * p.sum(), side="right")]))
+    return "".join(VOCAB[i] for i in ids)
+
+
+def run(params, config, length, prime="", seed=0, **settings):
+    stream = sample.Stream(params, config)
+    return "".join(sample.generate(stream, np.random.default_rng(seed), length, prime, **settings))
+
+
+# ---------------------------------------------------------------------------------- the model
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True), (3, False)])
+def test_prime_leaves_the_reference_state(layers, peepholes, dtype, tol):
+    params, config = make_model(layers, peepholes, dtype)
+    ids = np.random.default_rng(1).integers(0, len(VOCAB), 40)
+    stream = sample.Stream(params, config)
+    stream.feed(ids)
+    _, h, c = ref_logits(params, config, ids)
+    assert np.abs(stream.h - h).max() < tol and np.abs(stream.c - c).max() < tol
+
+
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.5}, {"temperature": 2.0}, {"top_k": 3},
+                                      {"top_k": 1}, {"greedy": True}, {"top_k": 5, "temperature": 0.7}])
+def test_draws_match_the_reference(settings):
+    """float64, so every draw must be the reference's: temperature divides the logits, top-k keeps
+    the k largest, argmax is greedy, the uniforms are consumed one per character in order."""
+    params, config = make_model()
+    ours = run(params, config, 40, prime="ROMEO:", seed=7, **settings)
+    assert ours == ref_sample(params, config, "ROMEO:", 40, 7, **settings)
+
+
+def test_top_k_1_is_argmax():
+    params, config = make_model(dtype="float32")
+    greedy = run(params, config, 300, prime="a", greedy=True)
+    assert run(params, config, 300, prime="a", seed=1, top_k=1) == greedy
+    assert run(params, config, 300, prime="a", seed=3) != greedy
+
+
+def test_top_k_draws_only_the_k_largest_with_ties_to_the_lower_id():
+    logits = np.array([0.0, 3.0, 1.0, 3.0, 2.0, -1.0])
+    order, p = np.zeros(6, np.int64), np.zeros(6)
+    assert kernels.select_top(logits, 3, order) == 3 and list(order[:3]) == [1, 3, 4]
+    assert kernels.select_top(logits, 1, order) == 1 and order[0] == 1
+    assert kernels.select_top(logits, 6, order) == 6 and list(order) == list(range(6))
+    drawn = {kernels.draw(logits, 1.0, 2, False, u, p, order) for u in np.linspace(0, 0.999, 50)}
+    assert drawn == {1, 3}
+    assert kernels.draw(logits, 1.0, 0, True, 0.5, p, order) == 1  # argmax: the first of the tie
+
+
+def test_temperature_sharpens_and_flattens():
+    """The frequency of the most likely character rises as the temperature falls."""
+    logits = np.array([0.0, 1.0, 2.0])
+    order, p = np.zeros(3, np.int64), np.zeros(3)
+    us = np.random.default_rng(0).random(4000)
+    share = {t: np.mean([kernels.draw(logits, 1 / t, 0, False, u, p, order) == 2 for u in us]) for t in (0.5, 1, 2)}
+    assert share[0.5] > share[1] > share[2] > 1 / 3
+    assert abs(share[1] - np.exp(2) / np.exp([0, 1, 2]).sum()) < 0.03
+    assert {kernels.draw(logits, 1e4, 0, False, u, p, order) for u in us} == {2}  # near zero: argmax
+
+
+# ---------------------------------------------------------------------------------- the stream
+
+def test_same_seed_same_text_other_seed_other_text():
+    params, config = make_model(dtype="float32")
+    assert run(params, config, 500, seed=5) == run(params, config, 500, seed=5)
+    assert run(params, config, 500, seed=5) != run(params, config, 500, seed=6)
+
+
+def test_output_does_not_depend_on_chunk_sizes(monkeypatch):
+    params, config = make_model(dtype="float32")
+    whole = run(params, config, 700, prime="Ca", seed=9, top_k=4)
+    monkeypatch.setattr(sample, "CHUNK_MIN", 1)
+    monkeypatch.setattr(sample, "CHUNK_MAX", 3)
+    assert run(params, config, 700, prime="Ca", seed=9, top_k=4) == whole
+
+
+def test_length_counts_generated_chars_and_the_prime_comes_first():
+    params, config = make_model(dtype="float32")
+    for prime, length in [("", 0), ("", 1), ("", 300), ("ROMEO:", 0), ("ROMEO:", 3000)]:
+        text = run(params, config, length, prime=prime)
+        assert text.startswith(prime) and len(text) == len(prime) + length
+
+
+def test_generate_streams_in_bounded_pieces():
+    """A near-endless sample yields its first pieces at once, none longer than CHUNK_MAX."""
+    params, config = make_model(dtype="float32")
+    pieces = sample.generate(sample.Stream(params, config), np.random.default_rng(0), 10**12, "Ca")
+    first = [next(pieces) for _ in range(8)]
+    assert first[0] == "Ca" and all(len(p) <= sample.CHUNK_MAX for p in first)
+
+
+def test_stop_ends_right_after_the_first_occurrence_also_across_chunks(monkeypatch):
+    monkeypatch.setattr(sample, "CHUNK_MIN", 2)
+    monkeypatch.setattr(sample, "CHUNK_MAX", 5)
+    params, config = make_model(dtype="float32", scale=0.3)
+    full = run(params, config, 400, prime="ab", seed=4)
+    generated = full[2:]
+    for start, size in [(0, 1), (3, 2), (10, 3), (40, 4), (97, 6)]:
+        stop = generated[start:start + size]
+        end = generated.index(stop) + len(stop)
+        assert run(params, config, 400, prime="ab", seed=4, stop=stop) == "ab" + generated[:end]
+    assert run(params, config, 400, prime="ab", seed=4, stop="\x00never") == full
+    primed = run(params, config, 400, prime="ROMEO:", seed=4)
+    assert "ROMEO" not in primed[6:]
+    assert run(params, config, 400, prime="ROMEO:", seed=4, stop="ROMEO") == primed  # the prime is not searched
+
+
+def test_stop_matcher_across_pieces():
+    m = sample._StopMatcher("abc")
+    assert m.cut("xxa") == ("xxa", False)
+    assert m.cut("b") == ("b", False)
+    assert m.cut("cdef") == ("c", True)
+
+
+def test_unknown_prime_characters():
+    with pytest.raises(UserError) as e:
+        sample.check_prime("Zebra ß!", VOCAB)
+    assert "'Z'" in str(e.value) and "'ß'" in str(e.value) and "--unknown skip" in str(e.value)
+    warnings = []
+    assert sample.check_prime("Zebra ß!", VOCAB, "skip", warnings.append) == "ebra !"
+    assert len(warnings) == 1 and "2 character(s)" in warnings[0]
+    assert sample.check_prime("bread", VOCAB) == "bread"
+
+
+def test_a_second_run_compiles_nothing_new():
+    for dtype in ("float32", "float64"):
+        run(*make_model(dtype=dtype), 10, prime="ab", top_k=2)
+    names = ["cell_step", "stream_step", "feed_stream", "sample_stream", "draw", "select_top"]
+    counts = {n: len(getattr(kernels, n).signatures) for n in names}
+    for dtype in ("float32", "float64"):
+        run(*make_model(dtype=dtype, seed=1), 10, prime="abc", greedy=True)
+        run(*make_model(dtype=dtype, layers=1, peepholes=False), 10)
+    assert counts == {n: len(getattr(kernels, n).signatures) for n in names}
+    assert counts["sample_stream"] == 2
+
+
+# ---------------------------------------------------------------------------------- command line
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    params, config = make_model(dtype="float32", scale=0.5)
+    path = tmp_path / "model.npz"
+    train = TrainConfig()
+    state = np.zeros((config.layers, train.batch_size, H), np.float32)
+    save_checkpoint(path, {"model": config.to_dict(), "train": train.to_dict()}, params, np.zeros_like(params),
+                    state, state)
+    return path, params, config
+
+
+def invoke(*args):
+    """Run `charlstm sample`; result.out is stdout exactly (click's .stdout turns \r\n into \n)."""
+    result = CliRunner().invoke(cli, ["sample", *map(str, args)], catch_exceptions=False)
+    result.out = result.stdout_bytes.decode()
+    return result
+
+
+def test_cli_sample(checkpoint, tmp_path):
+    path, params, config = checkpoint
+    result = invoke(path, "--length", 200, "--seed", 3, "--prime", "ROMEO:", "--top-k", 5, "-t", 0.8)
+    assert result.exit_code == 0, result.output
+    assert result.out == run(params, config, 200, "ROMEO:", seed=3, top_k=5, temperature=0.8) + "\n"
+    assert invoke(path, "--length", 200, "--seed", 3, "--prime", "ROMEO:", "--top-k", 5, "-t", 0.8).out == result.out
+    assert invoke(path, "--length", 200).out != invoke(path, "--length", 200).out  # no seed: fresh
+    prime_file = tmp_path / "prime.txt"
+    prime_file.write_bytes("ROMEO:\r\n".encode())
+    result = invoke(path, "--prime-file", prime_file, "--length", 5, "--seed", 1)
+    assert result.out.startswith("ROMEO:\r\n") and len(result.out) == 8 + 5 + 1  # read exactly as written
+
+
+def test_cli_samples_are_separated_by_a_blank_line(checkpoint):
+    path, params, config = checkpoint
+    result = invoke(path, "--samples", 3, "--length", 30, "--seed", 2, "--prime", "a")
+    stream, rng = sample.Stream(params, config), np.random.default_rng(2)
+    expected = ["".join(sample.generate(stream, rng, 30, "a")) for _ in range(3)]
+    assert result.out == "\n\n".join(expected) + "\n"
+    assert len(set(expected)) == 3
+
+
+def test_cli_stop(checkpoint):
+    path, params, config = checkpoint
+    generated = run(params, config, 300, "a", seed=1)[1:]
+    stop = generated[50:52]
+    result = invoke(path, "--prime", "a", "--seed", 1, "--length", 300, "--stop", stop)
+    assert result.out == "a" + generated[:generated.index(stop) + 2] + "\n"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--prime", "Zebra"], ["'Z'", "vocabulary", "--unknown skip"]),
+    (["--prime", "a", "--prime-file", "x"], ["--prime-file", "not both"]),
+    (["--prime-file", "/nonexistent/prime.txt"], ["no such file"]),
+    (["--temperature", "0"], ["--temperature"]),
+    (["--stop", ""], ["--stop"]),
+])
+def test_cli_sample_errors_are_one_line(checkpoint, args, words):
+    result = invoke(checkpoint[0], *args)
+    assert result.exit_code != 0 and result.out == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and all(w in lines[0] for w in words), result.stderr
+
+
+def test_cli_unknown_skip_warns_and_samples(checkpoint):
+    result = invoke(checkpoint[0], "--prime", "Zebra", "--unknown", "skip", "--length", 10, "--seed", 0)
+    assert result.exit_code == 0 and result.out.startswith("ebra") and len(result.out) == 4 + 10 + 1
+    assert "warning" in result.stderr and "'Z'" in result.stderr
