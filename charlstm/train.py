@@ -22,12 +22,14 @@ from charlstm.errors import UserError
 from charlstm.model import init_params, param_count
 from charlstm.optim import ADAGRAD_EPS, adagrad_update, clip_gradients, sum_of_squares
 from charlstm.runs import RunFolder, check_out, new_run_name
+from charlstm.sample import Stream, generate
 from charlstm.validate import validation_loss
 
 EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN/inf
 DEFAULT_TIME_LIMIT = 300.0  # seconds, when none of --steps/--epochs/--time-limit is given
 LOG_EVERY = 100  # steps between train-loss lines in metrics.jsonl
 EMA = 0.98  # smoothing of the loss shown on the bar
+PREVIEW_CHARS, PREVIEW_TEMPERATURE = 200, 0.8  # the sample shown at every validation
 STOPPING = ("steps", "epochs", "time_limit", "eval_every", "save_every", "keep", "threads")
 
 
@@ -134,10 +136,18 @@ class Trainer:
         s.last_val_loss = loss
         self.folder.log({"step": s.step, "val_loss": loss, "val_bpc": loss / math.log(2), "val_chars": chars})
         self.say(f"step {s.step}: val loss {loss:.4f} nats ({loss / math.log(2):.4f} bits/char) on {chars:,} chars")
+        self.say(self.preview())
         if loss < s.best_val_loss:
             s.best_val_loss = loss
             return True
         return False
+
+    def preview(self):
+        """A short sample, to see what the model has learnt. Drawn from the run's own RNG (saved in
+        every checkpoint), so a resumed run shows the same samples as a straight one."""
+        text = "".join(generate(Stream(self.state.params, self.model_cfg), self.rng, PREVIEW_CHARS,
+                                temperature=PREVIEW_TEMPERATURE))
+        return f"--- sample at step {self.state.step} (temperature {PREVIEW_TEMPERATURE}) ---\n{text}\n---"
 
     def log_train(self):
         s = self.state
