@@ -16,18 +16,73 @@ In float32 the nonlinearities are rational approximations that vectorize (libm c
 float64 keeps the exact functions, for the gradient checks.
 """
 import math
+import sys
 
 import numpy as np
 from numba import njit, types
+from numba.core.caching import FunctionCache
 from numba.extending import overload
 
 # One place for the fastmath flags. No `nnan`/`ninf`: the trainer must see NaN and inf.
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
 
-def kernel(fn):
+def kernel(fn, **options):
+    """njit with the package's flags (plus `options`, e.g. parallel=True), cached on disk.
+
+    This is njit(cache=True) with a cache that fails soft: a cache Numba cannot place (no writable
+    folder: NUMBA_CACHE_DIR, the package's __pycache__ and ~/.cache all refused), read (garbage or
+    foreign files) or write (disk full) means compiling in memory with one warning on stderr,
+    never an exception from the import or the first call.
+    """
     # error_model="numpy": no zero-division check, which would stop the gate loops vectorizing.
-    return njit(cache=True, fastmath=set(FASTMATH), error_model="numpy", nogil=True)(fn)
+    dispatcher = njit(fastmath=set(FASTMATH), error_model="numpy", nogil=True, **options)(fn)
+    global _disk_cache
+    if _disk_cache:
+        try:
+            dispatcher._cache = _SoftCache(dispatcher.py_func)  # what cache=True does, softened
+        except Exception as e:  # RuntimeError "cannot cache function ...: no locator available"
+            _disk_cache = False
+            _cache_warning(f"found no writable folder: {_short(e)}; set NUMBA_CACHE_DIR to one")
+    return dispatcher
+
+
+_disk_cache = True  # False once Numba found no folder to cache in: then no kernel tries again
+_warned = False
+
+
+class _SoftCache(FunctionCache):
+    """Numba's per-function disk cache; any error reading or writing it disables it (for this
+    kernel) and the kernel is compiled in memory, as with cache=False."""
+
+    def load_overload(self, sig, target_context):
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as e:  # e.g. UnpicklingError from a garbage .nbi/.nbc file
+            self.disable()
+            _cache_warning(f"unreadable files in {self.cache_path}: {_short(e)}; delete them to rebuild the cache")
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except Exception as e:  # e.g. OSError: no space left on device
+            self.disable()
+            _cache_warning(f"cannot write to {self.cache_path}: {_short(e)}")
+
+
+def _cache_warning(reason):
+    """One line on stderr, once per process (above a progress bar, if one is showing)."""
+    global _warned
+    if not _warned:
+        _warned = True
+        from tqdm import tqdm
+        tqdm.write(f"charlstm: cannot use the Numba cache ({reason}); compiling in memory", file=sys.stderr)
+
+
+def _short(e):
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 # ---------------------------------------------------------------- nonlinearities, typed per dtype
@@ -309,7 +364,7 @@ from numba import prange  # noqa: E402  (only this section uses it)
 
 def parallel_kernel(fn):
     """`kernel` with parallel=True: its prange loops run on Numba's threads (NUMBA_NUM_THREADS)."""
-    return njit(cache=True, fastmath=set(FASTMATH), error_model="numpy", nogil=True, parallel=True)(fn)
+    return kernel(fn, parallel=True)
 
 
 @parallel_kernel
