@@ -74,6 +74,17 @@ def test_other_usage_errors_are_one_line(run_cli, args, words):
     one_line_error(run_cli(*args), *words, code=2)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "0"], ["'--temperature'", "0.0 is not in the range x>0"]),
+    (["--temperature", "-1"], ["'--temperature'"]),
+    (["--length", "-5"], ["'--length'", "-5 is not in the range x>=0"]),
+    (["--top-k", "0"], ["'--top-k'"]),
+])
+def test_bad_sample_option_is_one_usage_line(tmp_path, run_cli, args, words):
+    line = one_line_error(run_cli("sample", tmp_path / "any.npz", *args), *words, code=2)
+    assert line.endswith("(see 'charlstm sample --help')")
+
+
 def test_usage_error_from_the_real_console_script_is_one_line():
     result = subprocess.run([sys.executable, "-m", "charlstm", "train", "--hidden", "0"],
                             capture_output=True, text=True, timeout=60)
@@ -197,15 +208,15 @@ CASES = ["missing", "empty", "truncated", "random bytes", "foreign npz", "pickle
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("command", ["info", "resume"])
+@pytest.mark.parametrize("command", ["info", "resume", "sample", "eval"])
 def test_bad_checkpoint_is_one_line(tmp_path, corpus, run_cli, bad_files, command, case):
     folder, cases = bad_files
     path, words = cases[case]
     before = checkpoints(folder)
-    if command == "info":
-        result = run_cli("info", path)
-    else:
+    if command == "resume":
         result = run_cli("train", corpus, "--resume", path, "--steps", 3, "--quiet")
+    else:
+        result = run_cli(command, path, *([corpus] if command == "eval" else []))
     one_line_error(result, path.name, *words, code=1)
     assert checkpoints(folder) == before  # nothing written or changed
     assert not (folder / "pwned").exists()  # the pickle never ran
