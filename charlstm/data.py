@@ -251,7 +251,11 @@ def load_corpus(path, cache_dir, vocab=None, encoding="utf-8", progress=False):
             _make_dir(cache_dir)
             with tqdm(total=size, unit="B", unit_scale=True, desc="encoding corpus",
                       disable=not progress) as bar:
-                _write_ids(path, f, encoding, vocab, sha256, target, bar)
+                try:
+                    _write_ids(path, f, encoding, vocab, sha256, target, bar)
+                except OSError as e:  # disk full, say: the temp file is gone, nothing half-written
+                    raise UserError(f"{cache_dir}: cannot write the corpus cache ({e.strerror or e}); "
+                                    f"check the folder is writable and has space") from None
     ids = np.memmap(target, dtype=dtype, mode="r", shape=(n,))
     return Corpus(path=path, size=size, sha256=sha256, vocab=vocab, ids=ids)
 

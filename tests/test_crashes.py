@@ -14,7 +14,7 @@ import pytest
 from numba.core import config as numba_config
 from numba.core.caching import IndexDataCacheFile
 
-from charlstm import checkpoint, kernels
+from charlstm import checkpoint, data, kernels
 from charlstm.checkpoint import load_checkpoint
 from charlstm.runs import TEMP_FILE, RunFolder
 
@@ -181,6 +181,17 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     assert (run_dir / "step-00000020.npz").exists() == (failing == "latest copy")
     assert temp_files(run_dir) == []
     RunFolder(run_dir).close()  # not still locked
+
+
+def test_disk_full_writing_the_corpus_cache_is_one_line(tmp_path, corpus, run_cli, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data.os, "fsync", full)  # the id file's fsync, before its rename
+    result = run_cli("train", corpus, *TINY, "--steps", 2, "--out", tmp_path, "--run", "r")
+    one_line_error(result, ".corpus-cache", "No space left on device", "has space", code=1)
+    assert list((tmp_path / ".corpus-cache").iterdir()) == []  # no half-written id file
+    assert not list(tmp_path.rglob("*.npz"))
 
 
 # -------------------------------------------------------------------------------- Numba's cache
