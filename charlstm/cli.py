@@ -12,10 +12,19 @@ POSITIVE = click.IntRange(min=1)
 
 
 def set_threads(threads):
-    """Threads for BLAS and Numba: must run before NumPy/SciPy/Numba are first imported."""
-    if threads:
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            os.environ[var] = str(threads)
+    """Threads for BLAS and Numba. BLAS reads its count when it loads, so this runs before NumPy,
+    SciPy and Numba are imported; in a process that already loaded Numba (tests), its pool size is
+    fixed, so the count is set through numba.set_num_threads instead of the environment."""
+    if not threads:
+        return
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "numba" in sys.modules:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    else:
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)
 
 
 class OneLineErrors(click.Group):
