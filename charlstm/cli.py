@@ -294,6 +294,9 @@ def evaluate(checkpoint, file, as_json, unknown, encoding, threads):
       charlstm eval checkpoints/tinyshakespeare/best.npz held-out.txt --json
     """
     set_threads(threads)
+    # BLAS on one thread: eval's products are small, and idle OpenBLAS threads spin on the cores
+    # that the step kernel's threads need (it measured 2-3x slower on 2 cores).
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from charlstm.checkpoint import load_checkpoint
     from charlstm.evaluate import evaluate_file, report
 

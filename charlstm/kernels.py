@@ -367,6 +367,52 @@ def parallel_kernel(fn):
     return kernel(fn, parallel=True)
 
 
+@kernel
+def cell_units(W, v, a, peep, c, z, h_out, lo, hi):
+    """One step of hidden units [lo, hi) of one layer of one stream (arguments as in cell_step)."""
+    H = c.shape[0]
+    K = v.shape[0]
+    zero = like(c[0], 0.0)
+    for k in range(lo, hi):
+        wi, wf, wo, wg = W[k], W[H + k], W[2 * H + k], W[3 * H + k]
+        si, sf, so, sg = zero, zero, zero, zero
+        for j in range(K):  # the unit's four gate rows in one sweep: v[j] loaded once
+            vj = v[j]
+            si += wi[j] * vj
+            sf += wf[j] * vj
+            so += wo[j] * vj
+            sg += wg[j] * vj
+        z[k], z[H + k], z[2 * H + k], z[3 * H + k] = a[k] + si, a[H + k] + sf, a[2 * H + k] + so, a[3 * H + k] + sg
+    # The gates in short passes over the units, each over views indexed from 0 (a loop index that
+    # might be negative makes Numba wrap it, and the wrap stops LLVM vectorizing the loop).
+    n = hi - lo
+    zi, zf, zo, zg = z[lo:hi], z[H + lo:H + hi], z[2 * H + lo:2 * H + hi], z[3 * H + lo:3 * H + hi]
+    cu, hu = c[lo:hi], h_out[lo:hi]
+    if peep.shape[0] > 0:
+        pi, pf = peep[lo:hi], peep[H + lo:H + hi]
+        for k in range(n):
+            zi[k] += pi[k] * cu[k]
+            zf[k] += pf[k] * cu[k]
+    for k in range(n):
+        zi[k] = sigmoid(zi[k])
+    for k in range(n):
+        zf[k] = sigmoid(zf[k])
+    for k in range(n):
+        zg[k] = tanh(zg[k])
+    for k in range(n):
+        cu[k] = zf[k] * cu[k] + zi[k] * zg[k]  # c = f * c_prev + i * g
+    if peep.shape[0] > 0:
+        po = peep[2 * H + lo:2 * H + hi]
+        for k in range(n):
+            zo[k] += po[k] * cu[k]  # the output gate peeks at the new cell
+    for k in range(n):
+        zo[k] = sigmoid(zo[k])
+    for k in range(n):
+        hu[k] = tanh(cu[k])
+    for k in range(n):
+        hu[k] *= zo[k]  # h = o * tanh(c)
+
+
 @parallel_kernel
 def cell_step(W, v, a, peep, c, z, h_out, blocks):
     """One step of one layer of one stream.
@@ -378,38 +424,17 @@ def cell_step(W, v, a, peep, c, z, h_out, blocks):
     c     (H,)    in: c_{t-1}; out: c_t
     z     (G,)    workspace: the pre-activations
     h_out (H,)    out: h_t. Must not alias v: other blocks may still be reading h_{t-1}.
-    blocks        how many unit blocks (threads) to split the work into; the caller passes
-                  numba.get_num_threads() (called in here, it would stop Numba caching the kernel)
+    blocks        how many unit blocks (threads) to split the work into. 1 runs in the calling
+                  thread with no parallel launch (worth it for small layers). The caller chooses
+                  (numba.get_num_threads() called in here would stop Numba caching the kernel).
     """
     H = c.shape[0]
-    K = v.shape[0]
-    blocks = max(1, min(blocks, H))
-    peepholes = peep.shape[0] > 0
-    zero = like(c[0], 0.0)
+    if blocks <= 1:
+        cell_units(W, v, a, peep, c, z, h_out, 0, H)
+        return
+    blocks = min(blocks, H)
     for b in prange(blocks):
-        lo, hi = b * H // blocks, (b + 1) * H // blocks
-        for k in range(lo, hi):
-            wi, wf, wo, wg = W[k], W[H + k], W[2 * H + k], W[3 * H + k]
-            si, sf, so, sg = zero, zero, zero, zero
-            for j in range(K):
-                vj = v[j]
-                si += wi[j] * vj
-                sf += wf[j] * vj
-                so += wo[j] * vj
-                sg += wg[j] * vj
-            z[k], z[H + k], z[2 * H + k], z[3 * H + k] = a[k] + si, a[H + k] + sf, a[2 * H + k] + so, a[3 * H + k] + sg
-        # The gates in short passes over the block, each simple enough to vectorize.
-        if peepholes:
-            for k in range(lo, hi):
-                z[k] += peep[k] * c[k]
-                z[H + k] += peep[H + k] * c[k]
-        for k in range(lo, hi):
-            c[k] = sigmoid(z[H + k]) * c[k] + sigmoid(z[k]) * tanh(z[3 * H + k])  # c = f * c_prev + i * g
-        if peepholes:
-            for k in range(lo, hi):
-                z[2 * H + k] += peep[2 * H + k] * c[k]  # the output gate peeks at the new cell
-        for k in range(lo, hi):
-            h_out[k] = sigmoid(z[2 * H + k]) * tanh(c[k])
+        cell_units(W, v, a, peep, c, z, h_out, b * H // blocks, (b + 1) * H // blocks)
 
 
 @kernel

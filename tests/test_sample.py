@@ -177,7 +177,7 @@ def test_unknown_prime_characters():
 def test_a_second_run_compiles_nothing_new():
     for dtype in ("float32", "float64"):
         run(*make_model(dtype=dtype), 10, prime="ab", top_k=2)
-    names = ["cell_step", "stream_step", "feed_stream", "sample_stream", "draw", "select_top"]
+    names = ["cell_units", "cell_step", "stream_step", "feed_stream", "sample_stream", "draw", "select_top"]
     counts = {n: len(getattr(kernels, n).signatures) for n in names}
     for dtype in ("float32", "float64"):
         run(*make_model(dtype=dtype, seed=1), 10, prime="abc", greedy=True)
