@@ -19,6 +19,15 @@ from charlstm.errors import UserError
 from charlstm.model import views
 
 CHUNK_MIN, CHUNK_MAX = 64, 2048  # characters per kernel call
+# The weights one layer's step must read before splitting it across threads pays for the parallel
+# launch and barrier: measured on 2 cores, H=128 (256-512 KB a layer) ran faster on one thread,
+# H=192 (576 KB-1.2 MB) faster on two.
+PARALLEL_BYTES = 1 << 19
+
+
+def blocks_for(nbytes):
+    """How many unit blocks (threads) a layer step reading nbytes of weights should use."""
+    return numba.get_num_threads() if nbytes >= PARALLEL_BYTES else 1
 
 
 class Stream:
@@ -40,20 +49,23 @@ class Stream:
         self.config = config
         self.codes = np.frombuffer(config.vocab.encode("utf-32-le"), dtype=np.uint32)  # id -> code point
 
+    def blocks(self):
+        recurrent = self.net[1].nbytes + self.net[2].nbytes  # Wh0 and every [Wx | Wh] above
+        return blocks_for(recurrent / self.config.layers)
+
     def reset(self):
         self.h[:] = 0
         self.c[:] = 0
 
     def feed(self, ids):
         """Advance the state through the ids (a prime)."""
-        kernels.feed_stream(self.net, np.asarray(ids, dtype=np.int64), self.h, self.c, self.work,
-                            numba.get_num_threads())
+        kernels.feed_stream(self.net, np.asarray(ids, dtype=np.int64), self.h, self.c, self.work, self.blocks())
 
     def run(self, x, uniforms, temperature=1.0, top_k=0, greedy=False):
         """Feed id x, then draw and feed one id per uniform; returns the drawn ids (n,) int64."""
         out = np.empty(len(uniforms), dtype=np.int64)
         kernels.sample_stream(self.net, x, self.h, self.c, uniforms, 1.0 / temperature, top_k or 0,
-                              greedy, self.work, out, numba.get_num_threads())
+                              greedy, self.work, out, self.blocks())
         return out
 
     def decode(self, ids):

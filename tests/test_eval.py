@@ -50,9 +50,12 @@ def write_checkpoint(path, params, config):
     return path
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
 @pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True), (3, False)])
-def test_scorer_matches_the_reference_across_windows_and_pieces(layers, peepholes, dtype, tol):
+def test_scorer_matches_the_reference_across_windows_and_pieces(layers, peepholes, dtype, tol, blocks, monkeypatch):
+    """blocks=3 splits each layer's units across threads (prange), as large models do."""
+    monkeypatch.setattr(evaluate, "blocks_for", lambda nbytes: blocks)
     params, config = make_model(layers, peepholes, dtype)
     text = TEXT * 3
     ids = np.array([VOCAB.index(ch) for ch in text])

@@ -60,9 +60,12 @@ def run(params, config, length, prime="", seed=0, **settings):
 
 # ---------------------------------------------------------------------------------- the model
 
+@pytest.mark.parametrize("blocks", [1, 3])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
 @pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True), (3, False)])
-def test_prime_leaves_the_reference_state(layers, peepholes, dtype, tol):
+def test_prime_leaves_the_reference_state(layers, peepholes, dtype, tol, blocks, monkeypatch):
+    """blocks=3 splits each layer's units across threads (prange), as large models do."""
+    monkeypatch.setattr(sample, "blocks_for", lambda nbytes: blocks)
     params, config = make_model(layers, peepholes, dtype)
     ids = np.random.default_rng(1).integers(0, len(VOCAB), 40)
     stream = sample.Stream(params, config)
@@ -73,9 +76,10 @@ def test_prime_leaves_the_reference_state(layers, peepholes, dtype, tol):
 
 @pytest.mark.parametrize("settings", [{}, {"temperature": 0.5}, {"temperature": 2.0}, {"top_k": 3},
                                       {"top_k": 1}, {"greedy": True}, {"top_k": 5, "temperature": 0.7}])
-def test_draws_match_the_reference(settings):
+def test_draws_match_the_reference(settings, monkeypatch):
     """float64, so every draw must be the reference's: temperature divides the logits, top-k keeps
     the k largest, argmax is greedy, the uniforms are consumed one per character in order."""
+    monkeypatch.setattr(sample, "blocks_for", lambda nbytes: 2)
     params, config = make_model()
     ours = run(params, config, 40, prime="ROMEO:", seed=7, **settings)
     assert ours == ref_sample(params, config, "ROMEO:", 40, 7, **settings)
