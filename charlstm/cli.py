@@ -299,8 +299,11 @@ def evaluate(checkpoint, file, as_json, unknown, encoding, threads):
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from charlstm.checkpoint import load_checkpoint
     from charlstm.evaluate import evaluate_file, report
+    from charlstm.sample import kernels_cached
 
     ckpt = load_checkpoint(checkpoint)
+    if not kernels_cached(("lstm_forward_stream", "nll_sum")):
+        click.echo("compiling kernels (first run only)...", err=True)
     score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,
                           warn=lambda m: click.echo(m, err=True))
     click.echo(report(score, file, as_json, skipping=unknown == "skip"))

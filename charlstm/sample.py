@@ -188,9 +188,9 @@ def write_samples(out, params, config, seed, samples, length, prime="", **settin
         out.flush()
 
 
-def kernels_cached():
-    """Whether Numba's on-disk cache already holds the sampling kernels (so no compile is coming)."""
+def kernels_cached(names=("sample_stream",)):
+    """Whether Numba's on-disk cache already holds these kernels (so no compile is coming)."""
     try:
-        return os.path.exists(kernels.sample_stream._cache._cache_file._index_path)
+        return all(os.path.exists(getattr(kernels, n)._cache._cache_file._index_path) for n in names)
     except AttributeError:
         return True

@@ -151,3 +151,21 @@ def test_cli_eval_bad_file_is_one_line(tmp_path, name, content, words):
     result = invoke(ckpt, tmp_path / name)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
+
+
+def test_a_second_run_compiles_nothing_new():
+    from charlstm import kernels
+
+    def score(layers, peepholes, dtype, seed):
+        scorer = evaluate.Scorer(*make_model(layers, peepholes, dtype, seed), window=8)
+        scorer.feed(np.arange(20) % len(VOCAB))
+
+    for dtype in ("float32", "float64"):
+        score(2, True, dtype, 0)
+    names = ["lstm_forward_stream", "nll_sum", "gather_input", "project_input"]
+    counts = {n: len(getattr(kernels, n).signatures) for n in names}
+    for dtype in ("float32", "float64"):
+        score(1, False, dtype, 1)
+        score(3, True, dtype, 2)
+    assert counts == {n: len(getattr(kernels, n).signatures) for n in names}
+    assert counts["lstm_forward_stream"] == 2
