@@ -31,6 +31,7 @@ EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN
 DEFAULT_TIME_LIMIT = 300.0  # seconds, when none of --steps/--epochs/--time-limit is given
 LOG_EVERY = 100  # steps between train-loss lines in metrics.jsonl
 EMA = 0.98  # smoothing of the loss shown on the bar
+PROGRESS_BYTES = 64 << 20  # corpora this big show a progress bar while they are encoded
 PREVIEW_CHARS, PREVIEW_TEMPERATURE = 200, 0.8  # the sample shown at every validation
 STOPPING = ("steps", "epochs", "time_limit", "eval_every", "save_every", "keep", "threads")
 
@@ -222,7 +223,13 @@ def _check_fixed(given, options, fixed, source):
         raise UserError(f"{', '.join(clashes)}: these are fixed by {source}; drop them")
 
 
-def resume_run(path, corpus_path, options, given, encoding):
+def read_corpus(path, cache, quiet, **options):
+    """load_corpus, with a progress bar for files big enough to take a while to encode."""
+    big = Path(path).is_file() and Path(path).stat().st_size >= PROGRESS_BYTES
+    return load_corpus(path, cache, progress=big and not quiet, **options)
+
+
+def resume_run(path, corpus_path, options, given, encoding, quiet):
     """Model, config, corpus, folder and state of the run that `path` checkpointed."""
     ckpt = load_checkpoint(path)
     model_cfg = ckpt.model_config
@@ -238,7 +245,7 @@ def resume_run(path, corpus_path, options, given, encoding):
         raise UserError(f"{corpus_path} is not the corpus this run was trained on (size or sha256 differs); "
                         f"to train on another text start a new run with --init-from {path}")
     folder = RunFolder(Path(path).resolve().parent)
-    corpus = load_corpus(corpus_path, folder.path.parent / ".corpus-cache", vocab=model_cfg.vocab, encoding=encoding)
+    corpus = read_corpus(corpus_path, folder.path.parent / ".corpus-cache", quiet, vocab=model_cfg.vocab, encoding=encoding)
     m = ckpt.manifest
     metrics = m.get("metrics", {})
     state = State(ckpt.params.copy(), ckpt.adagrad.copy(), ckpt.h.copy(), ckpt.c.copy(), m["step"], m["chars_seen"],
@@ -248,7 +255,7 @@ def resume_run(path, corpus_path, options, given, encoding):
     return model_cfg, cfg, corpus, folder, state
 
 
-def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding):
+def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, quiet):
     """Model, corpus, folder and state of a fresh run (from scratch, or from init_from's weights)."""
     corpus_path = corpus_path or bundled_corpus()
     out = Path(out)
@@ -258,9 +265,9 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding):
         ckpt = load_checkpoint(init_from)
         model_cfg = ckpt.model_config
         _check_fixed(given, options, model_cfg.to_dict(), f"the checkpoint {init_from}")
-        corpus = load_corpus(corpus_path, cache, vocab=model_cfg.vocab, encoding=encoding)
+        corpus = read_corpus(corpus_path, cache, quiet, vocab=model_cfg.vocab, encoding=encoding)
     else:
-        corpus = load_corpus(corpus_path, cache, encoding=encoding)
+        corpus = read_corpus(corpus_path, cache, quiet, encoding=encoding)
         model_cfg = ModelConfig(corpus.vocab, options["hidden"], options["layers"], options["peepholes"], options["dtype"])
     if run is None:
         run = new_run_name(out, Path(corpus_path).stem)
@@ -311,11 +318,11 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
     if resume and init_from:
         raise UserError("--resume continues a run and --init-from starts a new one: give only one")
     if resume:
-        model_cfg, cfg, corpus, folder, state = resume_run(resume, corpus_path, options, given, encoding)
+        model_cfg, cfg, corpus, folder, state = resume_run(resume, corpus_path, options, given, encoding, quiet)
     else:
         from charlstm.config import TrainConfig
         cfg = TrainConfig.from_dict(options)
-        model_cfg, corpus, folder, state = new_run(corpus_path, options, given, cfg, out, run, init_from, encoding)
+        model_cfg, corpus, folder, state = new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, quiet)
     trainer = Trainer(model_cfg, cfg, corpus, folder, state, say)
     wpe = trainer.windows_per_epoch
     total = cfg.steps if cfg.steps is not None else (math.ceil(cfg.epochs * wpe) if cfg.epochs is not None else None)
