@@ -298,11 +298,10 @@ def evaluate(checkpoint, file, as_json, unknown, encoding, threads):
     # that the step kernel's threads need (it measured 2-3x slower on 2 cores).
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from charlstm.checkpoint import load_checkpoint
-    from charlstm.evaluate import evaluate_file, report
-    from charlstm.sample import kernels_cached
+    from charlstm.evaluate import evaluate_file, kernels_cached, report
 
     ckpt = load_checkpoint(checkpoint)
-    if not kernels_cached(("lstm_forward_stream", "nll_sum")):
+    if not kernels_cached():
         click.echo("compiling kernels (first run only)...", err=True)
     score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,
                           warn=lambda m: click.echo(m, err=True))

@@ -4,7 +4,7 @@ score is the mean over positions 2..N of -log p(char | all earlier chars), in na
 The stream advances layer by layer over windows of WINDOW positions, carrying h and c from one
 window to the next: layer 0's input is a row lookup, the input products of the layers above and
 the output layer (logits, log-softmax, the targets' log-probabilities) are one matrix product per
-window, and only the recurrent product runs step by step (kernels.lstm_forward_stream).
+window, and only the recurrent product runs step by step (stream_kernels.lstm_forward_stream).
 
 The file is read twice in chunks, never whole: pass 1 counts its characters and finds any outside
 the vocabulary (so that an error comes before the work, and the progress bar knows its total);
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from charlstm import kernels
+from charlstm import kernels, stream_kernels
+from charlstm.jit import is_cached
 from charlstm.data import CHUNK_BYTES, MAX_CODE_POINT, _code_points, _decoder, _open
 from charlstm.errors import UserError
 from charlstm.model import views
@@ -83,8 +84,8 @@ class Scorer:
             if l > 0:
                 kernels.project_input(out[l - 1], w[f"l{l}.Wx"], w[f"l{l}.b"], A)
             peep = w.get(f"l{l}.p", self.no_peep)
-            kernels.lstm_forward_stream(A, w[f"l{l}.Wh"], peep, self.h[l], self.c[l], self.z, out[l], blocks)
-        self.total += kernels.nll_sum(out[-1], w["out.W"], w["out.b"], y, self.P[:T])
+            stream_kernels.lstm_forward_stream(A, w[f"l{l}.Wh"], peep, self.h[l], self.c[l], self.z, out[l], blocks)
+        self.total += stream_kernels.nll_sum(out[-1], w["out.W"], w["out.b"], y, self.P[:T])
         self.count += T
 
     def score(self):
@@ -163,3 +164,8 @@ def report(score, path, as_json=False, skipping=False):
         f"bits/char   {score.bits_per_char:.5f}",
         f"perplexity  {score.perplexity:.4f}",
     ])
+
+
+def kernels_cached():
+    """Whether the scoring kernels are in Numba's disk cache (so no compile is coming)."""
+    return is_cached(stream_kernels.lstm_forward_stream, stream_kernels.nll_sum)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from charlstm.kernels import kernel, like
+from charlstm.jit import kernel, like
 
 ADAGRAD_EPS = 1e-8
 

@@ -9,12 +9,12 @@ generated characters. A chunk is one kernel call given pre-drawn uniforms, so th
 seed does not depend on the chunk sizes; chunks start small (the first characters show at once)
 and grow to CHUNK_MAX. Memory stays constant however long the sample.
 """
-import os
 
 import numba
 import numpy as np
 
-from charlstm import kernels
+from charlstm import stream_kernels
+from charlstm.jit import is_cached
 from charlstm.errors import UserError
 from charlstm.model import views
 
@@ -59,12 +59,12 @@ class Stream:
 
     def feed(self, ids):
         """Advance the state through the ids (a prime)."""
-        kernels.feed_stream(self.net, np.asarray(ids, dtype=np.int64), self.h, self.c, self.work, self.blocks())
+        stream_kernels.feed_stream(self.net, np.asarray(ids, dtype=np.int64), self.h, self.c, self.work, self.blocks())
 
     def run(self, x, uniforms, temperature=1.0, top_k=0, greedy=False):
         """Feed id x, then draw and feed one id per uniform; returns the drawn ids (n,) int64."""
         out = np.empty(len(uniforms), dtype=np.int64)
-        kernels.sample_stream(self.net, x, self.h, self.c, uniforms, 1.0 / temperature, top_k or 0,
+        stream_kernels.sample_stream(self.net, x, self.h, self.c, uniforms, 1.0 / temperature, top_k or 0,
                               greedy, self.work, out, self.blocks())
         return out
 
@@ -188,9 +188,6 @@ def write_samples(out, params, config, seed, samples, length, prime="", **settin
         out.flush()
 
 
-def kernels_cached(names=("sample_stream",)):
-    """Whether Numba's on-disk cache already holds these kernels (so no compile is coming)."""
-    try:
-        return all(os.path.exists(getattr(kernels, n)._cache._cache_file._index_path) for n in names)
-    except AttributeError:
-        return True
+def kernels_cached():
+    """Whether the sampling kernels are in Numba's disk cache (so no compile is coming)."""
+    return is_cached(stream_kernels.sample_stream)

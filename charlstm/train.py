@@ -284,12 +284,11 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, qui
 
 
 def kernels_cached():
-    """Whether Numba's on-disk cache already holds the training kernels (so no compile is coming)."""
+    """Whether the training kernels are in Numba's disk cache (so no compile is coming)."""
     from charlstm import kernels
-    try:
-        return Path(kernels.lstm_forward._cache._cache_file._index_path).exists()
-    except AttributeError:
-        return True
+    from charlstm.jit import is_cached
+
+    return is_cached(kernels.lstm_forward, kernels.lstm_backward)
 
 
 def summary(trainer, total_steps, deadline_s):

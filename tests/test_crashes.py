@@ -14,7 +14,7 @@ import pytest
 from numba.core import config as numba_config
 from numba.core.caching import IndexDataCacheFile
 
-from charlstm import checkpoint, data, kernels
+from charlstm import checkpoint, data, jit
 from charlstm.checkpoint import load_checkpoint
 from charlstm.runs import TEMP_FILE, RunFolder
 
@@ -214,8 +214,8 @@ def fresh_cache(tmp_path, monkeypatch):
     # An in-process `train --threads 1` (CliRunner) set NUMBA_NUM_THREADS=1 after Numba's thread
     # pool may have started with more; the config reload of our compiles would then raise.
     monkeypatch.setenv("NUMBA_NUM_THREADS", str(numba_config.NUMBA_NUM_THREADS))
-    monkeypatch.setattr(kernels, "_warned", False)
-    monkeypatch.setattr(kernels, "_disk_cache", True)
+    monkeypatch.setattr(jit, "_warned", False)
+    monkeypatch.setattr(jit, "_disk_cache", True)
     return tmp_path / "numba"
 
 
@@ -225,12 +225,12 @@ def warnings_in(capsys):
 
 @pytest.mark.parametrize("damage", ["garbage index", "truncated data"])
 def test_unreadable_cache_files_mean_compiling_in_memory(fresh_cache, capsys, damage):
-    assert kernels.kernel(add_one)(1) == 2  # compiles and caches
+    assert jit.kernel(add_one)(1) == 2  # compiles and caches
     assert warnings_in(capsys) == []
     suffix = ".nbi" if damage == "garbage index" else ".nbc"
     (cached,) = fresh_cache.rglob(f"*{suffix}")
     cached.write_bytes(b"not a pickle" if damage == "garbage index" else cached.read_bytes()[:40])
-    again = kernels.kernel(add_one)
+    again = jit.kernel(add_one)
     assert again(1) == 2 and again(2.5) == 3.5  # compiled in memory, for each signature
     (line,) = warnings_in(capsys)
     assert line.startswith("charlstm: cannot use the Numba cache (unreadable files in ")
@@ -242,7 +242,7 @@ def test_no_folder_for_the_cache_means_compiling_in_memory(fresh_cache, monkeypa
     set_numba_config(monkeypatch, "CACHE_DIR", str(tmp_path / "file" / "sub"))
     # As for a read-only install and an unwritable home: Numba may use no other folder.
     set_numba_config(monkeypatch, "CACHE_LOCATOR_CLASSES", "UserProvidedCacheLocator")
-    first, second = kernels.kernel(add_one), kernels.kernel(add_one)
+    first, second = jit.kernel(add_one), jit.kernel(add_one)
     assert first(1) == 2 and second(1) == 2
     (line,) = warnings_in(capsys)
     assert "found no writable folder" in line and "set NUMBA_CACHE_DIR" in line
@@ -253,7 +253,7 @@ def test_cache_write_error_means_compiling_in_memory(fresh_cache, monkeypatch, c
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(IndexDataCacheFile, "save", disk_full)
-    assert kernels.kernel(add_one)(1) == 2
+    assert jit.kernel(add_one)(1) == 2
     (line,) = warnings_in(capsys)
     assert "cannot write to" in line and "No space left on device" in line
 

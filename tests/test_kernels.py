@@ -3,7 +3,7 @@ L = 1 and 2, peepholes on and off, B = 1 and > 1, T = 1 and > 1, float64 and flo
 import numpy as np
 import pytest
 
-from charlstm import kernels, network
+from charlstm import jit, kernels, network
 from charlstm.config import ModelConfig
 from charlstm.model import init_params, param_count, views
 
@@ -67,10 +67,10 @@ def test_float32_nonlinearities_are_accurate():
     assert np.abs(out - np.tanh(x.astype(np.float64))).max() < 1e-6
 
 
-@kernels.kernel
+@jit.kernel
 def _apply_activations(x, out):
     for j in range(x.shape[0]):
-        out[j] = kernels.tanh(x[j])
+        out[j] = jit.tanh(x[j])
 
 
 def test_second_call_compiles_nothing_new():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from charlstm import kernels, sample
+from charlstm import sample, stream_kernels
 from charlstm.checkpoint import save_checkpoint
 from charlstm.cli import cli
 from charlstm.config import ModelConfig, TrainConfig
@@ -95,12 +95,12 @@ def test_top_k_1_is_argmax():
 def test_top_k_draws_only_the_k_largest_with_ties_to_the_lower_id():
     logits = np.array([0.0, 3.0, 1.0, 3.0, 2.0, -1.0])
     order, p = np.zeros(6, np.int64), np.zeros(6)
-    assert kernels.select_top(logits, 3, order) == 3 and list(order[:3]) == [1, 3, 4]
-    assert kernels.select_top(logits, 1, order) == 1 and order[0] == 1
-    assert kernels.select_top(logits, 6, order) == 6 and list(order) == list(range(6))
-    drawn = {kernels.draw(logits, 1.0, 2, False, u, p, order) for u in np.linspace(0, 0.999, 50)}
+    assert stream_kernels.select_top(logits, 3, order) == 3 and list(order[:3]) == [1, 3, 4]
+    assert stream_kernels.select_top(logits, 1, order) == 1 and order[0] == 1
+    assert stream_kernels.select_top(logits, 6, order) == 6 and list(order) == list(range(6))
+    drawn = {stream_kernels.draw(logits, 1.0, 2, False, u, p, order) for u in np.linspace(0, 0.999, 50)}
     assert drawn == {1, 3}
-    assert kernels.draw(logits, 1.0, 0, True, 0.5, p, order) == 1  # argmax: the first of the tie
+    assert stream_kernels.draw(logits, 1.0, 0, True, 0.5, p, order) == 1  # argmax: the first of the tie
 
 
 def test_temperature_sharpens_and_flattens():
@@ -108,10 +108,10 @@ def test_temperature_sharpens_and_flattens():
     logits = np.array([0.0, 1.0, 2.0])
     order, p = np.zeros(3, np.int64), np.zeros(3)
     us = np.random.default_rng(0).random(4000)
-    share = {t: np.mean([kernels.draw(logits, 1 / t, 0, False, u, p, order) == 2 for u in us]) for t in (0.5, 1, 2)}
+    share = {t: np.mean([stream_kernels.draw(logits, 1 / t, 0, False, u, p, order) == 2 for u in us]) for t in (0.5, 1, 2)}
     assert share[0.5] > share[1] > share[2] > 1 / 3
     assert abs(share[1] - np.exp(2) / np.exp([0, 1, 2]).sum()) < 0.03
-    assert {kernels.draw(logits, 1e4, 0, False, u, p, order) for u in us} == {2}  # near zero: argmax
+    assert {stream_kernels.draw(logits, 1e4, 0, False, u, p, order) for u in us} == {2}  # near zero: argmax
 
 
 # ---------------------------------------------------------------------------------- the stream
@@ -182,11 +182,11 @@ def test_a_second_run_compiles_nothing_new():
     for dtype in ("float32", "float64"):
         run(*make_model(dtype=dtype), 10, prime="ab", top_k=2)
     names = ["cell_units", "cell_step", "stream_step", "feed_stream", "sample_stream", "draw", "select_top"]
-    counts = {n: len(getattr(kernels, n).signatures) for n in names}
+    counts = {n: len(getattr(stream_kernels, n).signatures) for n in names}
     for dtype in ("float32", "float64"):
         run(*make_model(dtype=dtype, seed=1), 10, prime="abc", greedy=True)
         run(*make_model(dtype=dtype, layers=1, peepholes=False), 10)
-    assert counts == {n: len(getattr(kernels, n).signatures) for n in names}
+    assert counts == {n: len(getattr(stream_kernels, n).signatures) for n in names}
     assert counts["sample_stream"] == 2
 
 
