@@ -86,8 +86,10 @@ def cli():
 @click.option("--peepholes/--no-peepholes", default=False, show_default=True, help="Peephole connections (Gers 2000).")
 @click.option("--seq-length", type=POSITIVE, default=50, show_default=True, help="Steps of truncated BPTT per window.")
 @click.option("--batch-size", type=POSITIVE, default=50, show_default=True, help="Parallel streams per step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True,
               help="Adagrad learning rate.")
+@click.option("--adagrad-eps", type=click.FloatRange(min=0), default=1e-20, show_default=True,
+              help="Adagrad's eps: w -= lr * g / sqrt(mem + eps).")
 @click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Gradient clip; 0 is off.")
 @click.option("--clip-mode", type=click.Choice(["value", "norm"]), default="value", show_default=True,
               help="Clip each entry (char-rnn) or the global L2 norm.")

@@ -33,7 +33,8 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 50
     seq_length: int = 50
-    lr: float = 0.05
+    lr: float = 0.02
+    adagrad_eps: float = 1e-20
     clip: float = 5.0
     clip_mode: str = "value"
     val_frac: float = 0.05

@@ -3,16 +3,19 @@ layout, so each is one loop over one array).
 
     value clipping (char-rnn, torch-rnn, min-char-rnn): g = clamp(g, -clip, clip), elementwise
     norm clipping (TF/PyTorch examples):                g *= clip / max(||g||, clip), global L2 norm
-    Adagrad (min-char-rnn):                             mem += g*g;  w -= lr * g / sqrt(mem + 1e-8)
+    Adagrad (min-char-rnn):                             mem += g*g;  w -= lr * g / sqrt(mem + eps)
+
+eps defaults to 1e-20 (TrainConfig.adagrad_eps), not min-char-rnn's 1e-8: min-char-rnn's loss is a
+sum over its 25 steps, ours is the mean over B*T positions (SPEC §2), so our gradients are ~B*T
+times smaller and 1e-8 under the root outweighs `mem` for most weights, damping their steps. Measured
+at 2x256, B=T=50, lr 0.02, 1200 steps: 2.253 nats with 1e-8, 1.837 with 1e-20 (PyTorch's Adagrad,
+which adds 1e-10 outside the root, is the same as 1e-20 inside it).
 """
 import math
 
 import numpy as np
 
 from charlstm.jit import kernel, like
-
-ADAGRAD_EPS = 1e-8
-
 
 @kernel
 def sum_of_squares(g):

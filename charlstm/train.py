@@ -22,7 +22,7 @@ from charlstm.config import ModelConfig
 from charlstm.data import Batcher, file_sha256, load_corpus, split
 from charlstm.errors import UserError
 from charlstm.model import init_params, param_count
-from charlstm.optim import ADAGRAD_EPS, adagrad_update, clip_gradients, sum_of_squares
+from charlstm.optim import adagrad_update, clip_gradients, sum_of_squares
 from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.sample import Stream, generate
 from charlstm.validate import validation_loss
@@ -81,7 +81,7 @@ def train_step(params, grads, adagrad, ws, x, y, h, c, cfg):
     if not (math.isfinite(loss) and math.isfinite(sumsq)):
         raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'}")
     clip_gradients(grads, cfg.clip, cfg.clip_mode, sumsq)
-    adagrad_update(params, grads, adagrad, cfg.lr, ADAGRAD_EPS)
+    adagrad_update(params, grads, adagrad, cfg.lr, cfg.adagrad_eps)
     h[:] = ws.h[:, -1]
     c[:] = ws.c[:, -1]
     return loss
@@ -177,10 +177,12 @@ class Trainer:
         s.log_sum, s.log_count = 0.0, 0
 
     def run(self, total_steps, deadline, bar):
-        """Train until total_steps, the deadline or a stop request. Returns the reason it stopped."""
+        """Train until total_steps, the deadline or a stop request. Returns the reason it stopped
+        and the checkpoint that holds the final state. A run that ends (not one stopped by a
+        signal) is validated at its last step, so best.npz and the report cover it."""
         s, cfg = self.state, self.cfg
         start, start_chars = time.monotonic(), s.chars_seen
-        saved_at = s.step
+        saved_at, evaluated_at = s.step, None
         while True:
             if total_steps is not None and s.step >= total_steps:
                 reason = "done"
@@ -191,22 +193,31 @@ class Trainer:
             if self.stop_requested:
                 reason = self.stop_requested
                 break
-            loss = self.step()
-            elapsed = time.monotonic() - start
+            self.step()
             if s.step % LOG_EVERY == 0:
                 self.log_train()
-            best = self.evaluate() if cfg.eval_every and s.step % cfg.eval_every == 0 else False
+            best = False
+            if cfg.eval_every and s.step % cfg.eval_every == 0:
+                best, evaluated_at = self.evaluate(), s.step
             if best or (cfg.save_every and s.step % cfg.save_every == 0):
                 self.save(best)
                 saved_at = s.step
             bar.update(1)
-            rate = (s.chars_seen - start_chars) / max(elapsed, 1e-9)
-            bar.set_postfix_str(f"epoch {s.step / self.windows_per_epoch:.2f} loss {s.smoothed_loss:.3f} "
-                                f"({s.smoothed_loss / math.log(2):.3f} bpc) {rate / 1000:.1f}k chars/s", refresh=False)
-        if saved_at != s.step or not self.folder.latest.exists():
-            best = self.evaluate() if reason == "done" or reason == "time limit" else False
+            bar.set_postfix_str(self.progress(start, start_chars, deadline), refresh=False)
+        best = False
+        if reason in ("done", "time limit") and evaluated_at != s.step:
+            best = self.evaluate()
+        if best or saved_at != s.step or not self.folder.latest.exists():
             return reason, self.save(best)
         return reason, self.folder.path / f"step-{s.step:08d}.npz"
+
+    def progress(self, start, start_chars, deadline):
+        """The bar's postfix: epoch, smoothed loss, speed, and time left under --time-limit."""
+        s, now = self.state, time.monotonic()
+        rate = (s.chars_seen - start_chars) / max(now - start, 1e-9)
+        left = f" {max(deadline - now, 0):.0f}s left" if deadline is not None else ""
+        return (f"epoch {s.step / self.windows_per_epoch:.2f} loss {s.smoothed_loss:.3f} "
+                f"({s.smoothed_loss / math.log(2):.3f} bpc) {rate / 1000:.1f}k chars/s{left}")
 
 
 # ---------------------------------------------------------------- starting, resuming, reporting

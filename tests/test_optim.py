@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from charlstm.optim import ADAGRAD_EPS, adagrad_update, clip_gradients, sum_of_squares
+from charlstm.optim import adagrad_update, clip_gradients, sum_of_squares
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -12,7 +12,7 @@ def test_adagrad_matches_hand_computation(dtype):
     w = np.array([1.0, -2.0, 0.5], dtype)
     g = np.array([0.5, -1.0, 0.0], dtype)
     mem = np.array([0.0, 3.0, 1.0], dtype)
-    adagrad_update(w, g, mem, 0.1, ADAGRAD_EPS)
+    adagrad_update(w, g, mem, 0.1, 1e-8)
     # mem = [0.25, 4.0, 1.0]; w = [1 - 0.1*0.5/0.5, -2 + 0.1*1/2, 0.5 - 0]
     assert np.allclose(mem, [0.25, 4.0, 1.0], rtol=1e-7)
     assert np.allclose(w, [0.9, -1.95, 0.5], rtol=1e-6)
