@@ -92,7 +92,7 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except BaseException as e:
         _remove_quietly(tmp)
         if isinstance(e, OSError):  # disk full, no permission, no such folder: the user can fix it
@@ -101,7 +101,8 @@ def atomic_write(path, write):
         raise
 
 
-def _fsync_folder(folder):
+def fsync_folder(folder):
+    """Make a rename inside `folder` durable: fsync the folder itself."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from charlstm.checkpoint import fsync_folder
 from charlstm.errors import UserError
 
 CHUNK_BYTES = 8 << 20  # per read; peak memory is ~15x this (str, UTF-32 copy, intp index)
@@ -209,7 +210,7 @@ def _write_ids(path, f, encoding, vocab, sha256, target, bar):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_folder(folder)
 
 
 def _encode(lut, cps, path):
@@ -217,14 +218,6 @@ def _encode(lut, cps, path):
     if cps.size and int(cps.max()) >= lut.size:
         raise UserError(f"{path}: changed while being read; try again once it is complete")
     return lut[cps]
-
-
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_corpus(path, cache_dir, vocab=None, encoding="utf-8", progress=False):
