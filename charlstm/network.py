@@ -5,14 +5,22 @@ step), with every array preallocated in a Workspace for one (config, B, T).
 """
 import numpy as np
 
-from charlstm import kernels
+from charlstm import kernels, stream_kernels
 from charlstm.model import views
+
+
+# One stream (B = 1) steps through stream_kernels' unit-block sweeps while each thread's share of
+# Wh stays in its core's cache (1 MB of L2 on this machine's Zen 5): measured on 2 cores, at H=256
+# (1 MB) they took 0.75 ms a window against BLAS's 1.33 ms; at H=512 (4 MB, read from L3 either
+# way) BLAS's two threads do as well and also speed the weight gradients.
+ONE_STREAM_MAX_BYTES = 2 << 20
 
 
 class Workspace:
     """Every array one window needs, allocated once. Per layer l (shapes as in kernels.py):
     gates (L, T, B, G), h and c (L, T+1, B, H), tc (L, T, B, H); shared across layers: z (B, G),
-    P (N, V), dA (T, B, G), dH (T, B, H), dh and dc (B, H), and layer 0's transposed Wx (V, G)."""
+    P (N, V), dA (T, B, G), dH (T, B, H), dh and dc (B, H), layer 0's transposed Wx (V, G), and
+    when B = 1 the transposed Wh (H, G) of the layer in backward."""
 
     def __init__(self, config, batch_size, seq_length):
         L, H, V = config.layers, config.hidden, config.vocab_size
@@ -25,11 +33,18 @@ class Workspace:
         self.dA, self.dH = zeros(T, B, G), zeros(T, B, H)
         self.dh, self.dc = zeros(B, H), zeros(B, H)
         self.WxT0, self.dWxT0 = zeros(V, G), zeros(V, G)
+        stepwise = B == 1 and G * H * np.dtype(config.dtype).itemsize <= ONE_STREAM_MAX_BYTES
+        self.WhT = zeros(H, G) if stepwise else zeros(0, G)  # the one-stream backward reads Wh.T
         self.no_peep = zeros(0)
 
     def top(self):
         """The top layer's outputs at every position, (N, H)."""
         return self.h[-1, 1:].reshape(-1, self.config.hidden)
+
+
+def one_stream(ws):
+    """Whether this window runs the one-stream kernels (and BLAS on one thread: see train_step)."""
+    return ws.B == 1 and ws.WhT.size > 0
 
 
 def _peep(w, l, ws):
@@ -49,7 +64,12 @@ def forward(params, ws, x, h0, c0):
             below = ws.h[l - 1, 1:].reshape(N, cfg.hidden)
             kernels.project_input(below, w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G))
         ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
-        kernels.lstm_forward(ws.gates[l], w[f"l{l}.Wh"], _peep(w, l, ws), ws.h[l], ws.c[l], ws.tc[l], ws.z)
+        Wh = w[f"l{l}.Wh"]
+        if one_stream(ws):  # matrix-vector steps: our own unit-block sweep beats BLAS
+            stream_kernels.lstm_forward_one(ws.gates[l], Wh, _peep(w, l, ws), ws.h[l], ws.c[l], ws.tc[l],
+                                            stream_kernels.blocks_for(Wh.nbytes))
+        else:
+            kernels.lstm_forward(ws.gates[l], Wh, _peep(w, l, ws), ws.h[l], ws.c[l], ws.tc[l], ws.z)
 
 
 def loss(params, ws, y):
@@ -73,7 +93,13 @@ def backward(params, grads, ws, x, dh0=None, dc0=None):
     for l in reversed(range(cfg.layers)):
         ws.dh[:] = 0
         ws.dc[:] = 0
-        kernels.lstm_backward(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), w[f"l{l}.Wh"], ws.dH, ws.dA, ws.dh, ws.dc)
+        Wh = w[f"l{l}.Wh"]
+        if one_stream(ws):
+            kernels.transpose_into(Wh, ws.WhT)
+            stream_kernels.lstm_backward_one(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), ws.WhT, ws.dH, ws.dA,
+                                             ws.dh, ws.dc, stream_kernels.blocks_for(Wh.nbytes))
+        else:
+            kernels.lstm_backward(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), Wh, ws.dH, ws.dA, ws.dh, ws.dc)
         kernels.weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"])
         kernels.column_sums(dA2, g[f"l{l}.b"])
         if cfg.peepholes:

@@ -10,26 +10,15 @@ seed does not depend on the chunk sizes; chunks start small (the first character
 and grow to CHUNK_MAX. Memory stays constant however long the sample.
 """
 
-import numba
 import numpy as np
 
 from charlstm import stream_kernels
+from charlstm.stream_kernels import blocks_for
 from charlstm.jit import is_cached
 from charlstm.errors import UserError
 from charlstm.model import views
 
 CHUNK_MIN, CHUNK_MAX = 64, 2048  # characters per kernel call
-# The weights one layer's step must read before splitting it across threads pays for the parallel
-# launch and barrier: measured on 2 cores, H=128 (256-512 KB a layer) ran faster on one thread,
-# H=192 (576 KB-1.2 MB) faster on two.
-PARALLEL_BYTES = 1 << 19
-
-
-def blocks_for(nbytes):
-    """How many unit blocks (threads) a layer step reading nbytes of weights should use."""
-    return numba.get_num_threads() if nbytes >= PARALLEL_BYTES else 1
-
-
 class Stream:
     """One stream of a model, stepped one character at a time. State starts at zero."""
 

@@ -12,14 +12,26 @@ Dimension letters as in kernels.py.
 """
 import math
 
+import numba
 import numpy as np
 from numba import prange
 
 from charlstm.jit import kernel, like, parallel_kernel, sigmoid, tanh
 
 
+# The weights one layer's step must read before splitting it across threads pays for the parallel
+# launch and barrier: measured on 2 cores, H=128 (256-512 KB a layer) ran faster on one thread,
+# H=192 (576 KB-1.2 MB) faster on two.
+PARALLEL_BYTES = 1 << 19
+
+
+def blocks_for(nbytes):
+    """How many unit blocks (threads) a layer step reading nbytes of weights should use."""
+    return numba.get_num_threads() if nbytes >= PARALLEL_BYTES else 1
+
+
 @kernel
-def cell_units(W, v, a, peep, c, z, h_out, lo, hi):
+def cell_units(W, v, a, peep, c_prev, c, z, tc, h_out, lo, hi):
     """One step of hidden units [lo, hi) of one layer of one stream (arguments as in cell_step)."""
     H = c.shape[0]
     K = v.shape[0]
@@ -38,12 +50,12 @@ def cell_units(W, v, a, peep, c, z, h_out, lo, hi):
     # might be negative makes Numba wrap it, and the wrap stops LLVM vectorizing the loop).
     n = hi - lo
     zi, zf, zo, zg = z[lo:hi], z[H + lo:H + hi], z[2 * H + lo:2 * H + hi], z[3 * H + lo:3 * H + hi]
-    cu, hu = c[lo:hi], h_out[lo:hi]
+    cp, cu, tu, hu = c_prev[lo:hi], c[lo:hi], tc[lo:hi], h_out[lo:hi]
     if peep.shape[0] > 0:
         pi, pf = peep[lo:hi], peep[H + lo:H + hi]
         for k in range(n):
-            zi[k] += pi[k] * cu[k]
-            zf[k] += pf[k] * cu[k]
+            zi[k] += pi[k] * cp[k]
+            zf[k] += pf[k] * cp[k]
     for k in range(n):
         zi[k] = sigmoid(zi[k])
     for k in range(n):
@@ -51,7 +63,7 @@ def cell_units(W, v, a, peep, c, z, h_out, lo, hi):
     for k in range(n):
         zg[k] = tanh(zg[k])
     for k in range(n):
-        cu[k] = zf[k] * cu[k] + zi[k] * zg[k]  # c = f * c_prev + i * g
+        cu[k] = zf[k] * cp[k] + zi[k] * zg[k]  # c = f * c_prev + i * g
     if peep.shape[0] > 0:
         po = peep[2 * H + lo:2 * H + hi]
         for k in range(n):
@@ -59,21 +71,22 @@ def cell_units(W, v, a, peep, c, z, h_out, lo, hi):
     for k in range(n):
         zo[k] = sigmoid(zo[k])
     for k in range(n):
-        hu[k] = tanh(cu[k])
+        tu[k] = tanh(cu[k])
     for k in range(n):
-        hu[k] *= zo[k]  # h = o * tanh(c)
+        hu[k] = zo[k] * tu[k]  # h = o * tanh(c)
 
 
 @parallel_kernel
-def cell_step(W, v, a, peep, c, z, h_out, blocks):
+def cell_step(W, v, a, peep, c_prev, c, z, tc, h_out, blocks):
     """One step of one layer of one stream.
 
     W     (G, K)  weights against the input vector v (K,): Wh with v = h_{t-1}, or [Wx | Wh]
                   (G, 2H) with v = [h_t of the layer below | h_{t-1}]
     a     (G,)    the rest of the pre-activation: the bias, plus layer 0's one-hot input column
     peep  (3H,)   peephole weights i, f, o; length 0 when off
-    c     (H,)    in: c_{t-1}; out: c_t
-    z     (G,)    workspace: the pre-activations
+    c_prev (H,)   c_{t-1};  c (H,) out: c_t (c may be c_prev: updated in place)
+    z     (G,)    out: the gates i, f, o, g after their nonlinearity (z may be a)
+    tc    (H,)    out: tanh(c_t) (tc may be h_out when it is not needed)
     h_out (H,)    out: h_t. Must not alias v: other blocks may still be reading h_{t-1}.
     blocks        how many unit blocks (threads) to split the work into. 1 runs in the calling
                   thread with no parallel launch (worth it for small layers). The caller chooses
@@ -81,11 +94,11 @@ def cell_step(W, v, a, peep, c, z, h_out, blocks):
     """
     H = c.shape[0]
     if blocks <= 1:
-        cell_units(W, v, a, peep, c, z, h_out, 0, H)
+        cell_units(W, v, a, peep, c_prev, c, z, tc, h_out, 0, H)
         return
     blocks = min(blocks, H)
     for b in prange(blocks):
-        cell_units(W, v, a, peep, c, z, h_out, b * H // blocks, (b + 1) * H // blocks)
+        cell_units(W, v, a, peep, c_prev, c, z, tc, h_out, b * H // blocks, (b + 1) * H // blocks)
 
 
 @kernel
@@ -98,9 +111,9 @@ def lstm_forward_stream(A, Wh, peep, h, c, z, Hout, blocks):
     blocks as in cell_step.
     """
     T = A.shape[0]
-    cell_step(Wh, h, A[0], peep, c, z, Hout[0], blocks)
+    cell_step(Wh, h, A[0], peep, c, c, z, Hout[0], Hout[0], blocks)
     for t in range(1, T):
-        cell_step(Wh, Hout[t - 1], A[t], peep, c, z, Hout[t], blocks)
+        cell_step(Wh, Hout[t - 1], A[t], peep, c, c, z, Hout[t], Hout[t], blocks)
     h[:] = Hout[T - 1]
 
 
@@ -119,11 +132,11 @@ def stream_step(net, x, h, c, work, blocks):
     row, b0 = WxT0[x], bias[0]
     for j in range(a.shape[0]):
         a[j] = row[j] + b0[j]  # one-hot input: a column of Wx
-    cell_step(Wh0, h[0], a, peep[0], c[0], z, hn, blocks)
+    cell_step(Wh0, h[0], a, peep[0], c[0], c[0], z, hn, hn, blocks)
     h[0, :] = hn
     flat = h.reshape(L * H)
     for l in range(1, L):
-        cell_step(Wcat[l - 1], flat[(l - 1) * H:(l + 1) * H], bias[l], peep[l], c[l], z, hn, blocks)
+        cell_step(Wcat[l - 1], flat[(l - 1) * H:(l + 1) * H], bias[l], peep[l], c[l], c[l], z, hn, hn, blocks)
         h[l, :] = hn
 
 
@@ -132,6 +145,111 @@ def feed_stream(net, ids, h, c, work, blocks):
     """Feed the ids (n,) one by one (a prime warming the state)."""
     for n in range(ids.shape[0]):
         stream_step(net, ids[n], h, c, work, blocks)
+
+
+# ---------------------------------------------------------------- training one stream (B = 1)
+# kernels.lstm_forward/lstm_backward with B = 1: one product per step is a matrix-vector product,
+# which BLAS runs below the speed of memory. Here each step is one sweep over Wh split into unit
+# blocks, a block per thread, so each core keeps its share of Wh in its own cache all window long.
+# A unit's sums run in one fixed order whatever the block count, so results do not depend on it.
+
+@kernel
+def lstm_forward_one(A, Wh, peep, h, c, tc, blocks):
+    """kernels.lstm_forward for one stream, same arguments: A (T, 1, G), h, c (T+1, 1, H),
+    tc (T, 1, H); blocks as in cell_step."""
+    for t in range(A.shape[0]):
+        a = A[t, 0]  # the input term becomes the gates in place
+        cell_step(Wh, h[t, 0], a, peep, c[t, 0], c[t + 1, 0], a, tc[t, 0], h[t + 1, 0], blocks)
+
+
+@kernel
+def back_units(WhT, dz, dh, lo, hi):
+    """dh[lo:hi] = (dz @ Wh)[lo:hi] from WhT (H, G) = Wh.T, where a unit's column of Wh is a
+    contiguous row: one dot product with dz (G,) per unit, the same sum whatever the block."""
+    zero = like(dz[0], 0.0)
+    for k in range(lo, hi):
+        w, s = WhT[k], zero
+        for r in range(dz.shape[0]):
+            s += w[r] * dz[r]
+        dh[k] = s
+
+
+@kernel
+def cell_grad_units(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, lo, hi):
+    """Units [lo, hi) of one backward step (arguments as in cell_grad_step)."""
+    H = dh.shape[0]
+    if dz_next.shape[0] > 0:
+        back_units(WhT, dz_next, dh, lo, hi)
+    n = hi - lo
+    gi, gf, go, gg = gates[lo:hi], gates[H + lo:H + hi], gates[2 * H + lo:2 * H + hi], gates[3 * H + lo:3 * H + hi]
+    di, df, do, dg = dz[lo:hi], dz[H + lo:H + hi], dz[2 * H + lo:2 * H + hi], dz[3 * H + lo:3 * H + hi]
+    cp, tu, dHu, dhu, dcu = c_prev[lo:hi], tc[lo:hi], dHt[lo:hi], dh[lo:hi], dc[lo:hi]
+    for k in range(n):
+        dHu[k] += dhu[k]  # dloss/dh_t: from above, and from step t+1 through Wh
+    for k in range(n):
+        # forward: h = o * tanh(c)   so: do = dh * tanh(c), dc += dh * o * (1 - tanh(c)^2)
+        o, t, d = go[k], tu[k], dHu[k]
+        do[k] = d * t * (o - o * o)
+        dcu[k] += d * o - d * o * t * t
+    if peep.shape[0] > 0:
+        po = peep[2 * H + lo:2 * H + hi]
+        for k in range(n):
+            dcu[k] += po[k] * do[k]  # a_o saw c_t through its peephole
+    for k in range(n):
+        # forward: c = f * c_prev + i * g
+        i, f, g, d = gi[k], gf[k], gg[k], dcu[k]
+        di[k] = d * g * (i - i * i)
+        df[k] = d * cp[k] * (f - f * f)
+        dg[k] = d * i - d * i * g * g
+        dcu[k] = d * f
+    if peep.shape[0] > 0:
+        pi, pf = peep[lo:hi], peep[H + lo:H + hi]
+        for k in range(n):
+            dcu[k] += pi[k] * di[k] + pf[k] * df[k]
+
+
+@parallel_kernel
+def cell_grad_step(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, blocks):
+    """One backward step of one layer of one stream.
+
+    WhT     (H, G) Wh transposed
+    dz_next (G,)   dloss/d(pre-activations) of step t+1, or length 0 at the window's last step
+    gates   (G,)   i, f, o, g of step t;  c_prev (H,) c_{t-1};  tc (H,) tanh(c_t);  peep as in cell_step
+    dHt     (H,)   in: dloss/dh_t from above; out: the total dloss/dh_t
+    dh      (H,)   in at the last step: the gradient from after the window; out: dz_next @ Wh
+    dc      (H,)   in: dloss/dc_t; out: dloss/dc_{t-1}
+    dz      (G,)   out: dloss/d(pre-activations) of step t
+    """
+    H = dh.shape[0]
+    if blocks <= 1:
+        cell_grad_units(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, 0, H)
+        return
+    blocks = min(blocks, H)
+    for b in prange(blocks):
+        cell_grad_units(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, b * H // blocks, (b + 1) * H // blocks)
+
+
+@parallel_kernel
+def back_step(WhT, dz, dh, blocks):
+    """dh (H,) = dz (G,) @ Wh, from WhT (H, G), split in unit blocks."""
+    H = dh.shape[0]
+    if blocks <= 1:
+        back_units(WhT, dz, dh, 0, H)
+        return
+    blocks = min(blocks, H)
+    for b in prange(blocks):
+        back_units(WhT, dz, dh, b * H // blocks, (b + 1) * H // blocks)
+
+
+@kernel
+def lstm_backward_one(gates, c, tc, peep, WhT, dH, dA, dh, dc, blocks):
+    """kernels.lstm_backward for one stream (B = 1), same arguments but WhT (H, G) = Wh.T, which
+    the caller transposes once per window; blocks as in cell_step."""
+    T = gates.shape[0]
+    for t in range(T - 1, -1, -1):
+        dz_next = dA[t + 1, 0] if t < T - 1 else dA[0, 0, :0]
+        cell_grad_step(WhT, dz_next, gates[t, 0], c[t, 0], tc[t, 0], peep, dH[t, 0], dh[0], dc[0], dA[t, 0], blocks)
+    back_step(WhT, dA[0, 0], dh[0], blocks)
 
 
 @kernel

@@ -8,7 +8,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from tqdm import tqdm
 
-from charlstm import network
+from charlstm import blas, network
 from charlstm.checkpoint import load_checkpoint
 from charlstm.config import ModelConfig
 from charlstm.data import Batcher, file_sha256, load_corpus, split
@@ -74,9 +74,12 @@ def train_step(params, grads, adagrad, ws, x, y, h, c, cfg):
     """Forward, backward, clip and Adagrad on one window x, y (T, B) from state h, c (L, B, H),
     which then holds the window's final state. Returns the loss; raises NonFiniteLoss, before
     touching params, if the loss or gradients are NaN or infinite."""
-    network.forward(params, ws, x, h, c)
-    loss = network.loss(params, ws, y)
-    network.backward(params, grads, ws, x)
+    # One stream: Numba's threads run the per-step sweeps (stream_kernels), and BLAS threads left
+    # spinning between its few batched products would fight them for the 2 cores.
+    with blas.limited_to(1) if network.one_stream(ws) else nullcontext():
+        network.forward(params, ws, x, h, c)
+        loss = network.loss(params, ws, y)
+        network.backward(params, grads, ws, x)
     sumsq = sum_of_squares(grads)
     if not (math.isfinite(loss) and math.isfinite(sumsq)):
         raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'}")

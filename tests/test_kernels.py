@@ -3,7 +3,7 @@ L = 1 and 2, peepholes on and off, B = 1 and > 1, T = 1 and > 1, float64 and flo
 import numpy as np
 import pytest
 
-from charlstm import jit, kernels, network
+from charlstm import jit, kernels, network, stream_kernels
 from charlstm.config import ModelConfig
 from charlstm.model import init_params, param_count, views
 
@@ -41,8 +41,29 @@ def run_network(config, params, x, y, h0, c0):
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("layers,peepholes,B,T", GRID)
 def test_kernels_match_reference(layers, peepholes, B, T, dtype, tol):
-    config, params, x, y, h0, c0 = random_case(layers, peepholes, B, T, dtype)
-    loss, grads, dh0, dc0, hT, cT = run_network(config, params, x, y, h0, c0)
+    case = random_case(layers, peepholes, B, T, dtype)
+    assert_matches_reference(case, run_network(*case), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("blocks", [2, 3, 6])
+@pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True)])
+def test_one_stream_unit_blocks_match_reference(monkeypatch, layers, peepholes, blocks, dtype, tol):
+    """B = 1 trains with stream_kernels' unit-block sweeps. Split across threads they still match the
+    reference, and give the very bits of one block: results do not depend on the thread count."""
+    case = random_case(layers, peepholes, 1, 5, dtype)
+    one_block = run_network(*case)  # H = 6 is below blocks_for's threshold: one block
+    monkeypatch.setattr(stream_kernels, "blocks_for", lambda nbytes: blocks)
+    split = run_network(*case)
+    assert_matches_reference(case, split, tol)
+    for ours, theirs in zip(split, one_block):
+        assert np.array_equal(ours, theirs)
+
+
+def assert_matches_reference(case, results, tol):
+    config, params, x, y, h0, c0 = case
+    layers, peepholes = config.layers, config.peepholes
+    loss, grads, dh0, dc0, hT, cT = results
 
     p64 = {k: v.astype(np.float64) for k, v in views(params, config).items()}
     ref_loss, cache, ref_h, ref_c = reference.forward(p64, x, y, h0.astype(np.float64), c0.astype(np.float64),
