@@ -1,4 +1,4 @@
-"""One stream (B = 1), step by step: the kernels behind sampling and eval.
+"""One stream (B = 1), step by step: the kernels behind sampling, eval and training with B = 1.
 
 One stream (B = 1) advanced one character at a time: sampling, priming, scoring a file. A step
 reads every recurrent weight once (12.6 MB at H=512, L=2 in float32), so it is bound by memory
@@ -148,9 +148,10 @@ def feed_stream(net, ids, h, c, work, blocks):
 
 
 # ---------------------------------------------------------------- training one stream (B = 1)
-# kernels.lstm_forward/lstm_backward with B = 1: one product per step is a matrix-vector product,
-# which BLAS runs below the speed of memory. Here each step is one sweep over Wh split into unit
-# blocks, a block per thread, so each core keeps its share of Wh in its own cache all window long.
+# kernels.lstm_forward/lstm_backward with B = 1, where each step's product is a matrix-vector
+# product: through BLAS, every call streams all of Wh from the shared L3. Here each step is one
+# sweep over Wh split into unit blocks, a block per thread, so each core keeps its share of Wh in
+# its own cache all window long (the backward reads Wh.T, so a unit's weights are one row).
 # A unit's sums run in one fixed order whatever the block count, so results do not depend on it.
 
 @kernel

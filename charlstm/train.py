@@ -297,11 +297,14 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, qui
     return model_cfg, corpus, folder, state
 
 
-def kernels_cached():
-    """Whether the training kernels are in Numba's disk cache (so no compile is coming)."""
-    from charlstm import kernels
+def kernels_cached(ws):
+    """Whether the kernels training with workspace ws runs are in Numba's disk cache (so no
+    compile is coming)."""
+    from charlstm import kernels, stream_kernels
     from charlstm.jit import is_cached
 
+    if network.one_stream(ws):
+        return is_cached(stream_kernels.lstm_forward_one, stream_kernels.lstm_backward_one)
     return is_cached(kernels.lstm_forward, kernels.lstm_backward)
 
 
@@ -344,7 +347,7 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
         say(line)
     if resume:
         say(f"resuming from {resume} at step {state.step:,} (epoch {state.step / wpe:.2f})")
-    if not kernels_cached():
+    if not kernels_cached(trainer.ws):
         say("compiling kernels (first run only, about a minute)...")
 
     def request_stop(signum, frame):

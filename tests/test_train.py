@@ -152,3 +152,18 @@ def test_sigint_saves_and_resume_matches_straight_run(tmp_path, corpus, run_cli)
                        "--run", "straight", "--quiet")
     assert straight.exit_code == 0
     assert arrays(tmp_path / "killed" / "latest.npz") == arrays(tmp_path / "straight" / "latest.npz")
+
+
+def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
+    """B = 1 trains with the one-stream kernels, B > 1 with the batch ones: "compiling kernels"
+    must be decided on the ones this run calls."""
+    from charlstm import jit, kernels, stream_kernels, train
+    from charlstm.config import ModelConfig
+
+    asked = []
+    monkeypatch.setattr(jit, "is_cached", lambda *dispatchers: asked.append(dispatchers) or True)
+    config = ModelConfig("abc", hidden=4, layers=1)
+    train.kernels_cached(network.Workspace(config, 1, 5))
+    train.kernels_cached(network.Workspace(config, 3, 5))
+    assert asked == [(stream_kernels.lstm_forward_one, stream_kernels.lstm_backward_one),
+                     (kernels.lstm_forward, kernels.lstm_backward)]
