@@ -26,14 +26,22 @@ from charlstm.jit import kernel, like, sigmoid, tanh
 
 @kernel
 def transpose_into(W, WT):
-    """WT = W.T, both C-contiguous: (R, C) -> (C, R), in 32x32 tiles so reads and writes both stay in
-    cache. Done once per step so every per-step read is a contiguous row."""
-    R, C = W.shape
-    for r0 in range(0, R, 32):
-        for c0 in range(0, C, 32):
-            for col in range(c0, min(c0 + 32, C)):
-                for r in range(r0, min(r0 + 32, R)):  # contiguous writes: strided ones alias in cache
-                    WT[col, r] = W[r, col]
+    """WT = W.T, both C-contiguous: (R, C) -> (C, R). Done once per window so every per-step read
+    is a contiguous row."""
+    transpose_rows(W, WT, 0, W.shape[0])
+
+
+@kernel
+def transpose_rows(W, WT, lo, hi):
+    """WT[:, lo:hi] = W[lo:hi].T, in bands of 8 rows: each band's reads stay in cache and each
+    write is 8 contiguous floats. Measured against 32x32 tiles: 3x faster for the (V, G) gradient
+    of layer 0 (the tiles' writes 4 KB apart alias in cache), 1.1-1.5x for the square-ish ones."""
+    C = W.shape[1]
+    for r0 in range(lo, hi, 8):
+        r1 = min(r0 + 8, hi)
+        for col in range(C):
+            for r in range(r0, r1):
+                WT[col, r] = W[r, col]
 
 
 @kernel

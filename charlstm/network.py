@@ -95,9 +95,10 @@ def backward(params, grads, ws, x, dh0=None, dc0=None):
         ws.dc[:] = 0
         Wh = w[f"l{l}.Wh"]
         if one_stream(ws):
-            kernels.transpose_into(Wh, ws.WhT)
+            blocks = stream_kernels.blocks_for(Wh.nbytes)
+            stream_kernels.transpose_split(Wh, ws.WhT, blocks)
             stream_kernels.lstm_backward_one(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), ws.WhT, ws.dH, ws.dA,
-                                             ws.dh, ws.dc, stream_kernels.blocks_for(Wh.nbytes))
+                                             ws.dh, ws.dc, blocks)
         else:
             kernels.lstm_backward(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), Wh, ws.dH, ws.dA, ws.dh, ws.dc)
         kernels.weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"])

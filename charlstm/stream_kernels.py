@@ -17,6 +17,7 @@ import numpy as np
 from numba import prange
 
 from charlstm.jit import kernel, like, parallel_kernel, sigmoid, tanh
+from charlstm.kernels import transpose_rows
 
 
 # The weights one layer's step must read before splitting it across threads pays for the parallel
@@ -242,10 +243,22 @@ def back_step(WhT, dz, dh, blocks):
         back_units(WhT, dz, dh, b * H // blocks, (b + 1) * H // blocks)
 
 
+@parallel_kernel
+def transpose_split(W, WT, blocks):
+    """kernels.transpose_into split across threads in bands of rows (WT = W.T, (R, C) -> (C, R))."""
+    R = W.shape[0]
+    if blocks <= 1:
+        transpose_rows(W, WT, 0, R)
+        return
+    bands = (R + 7) // 8
+    for b in prange(blocks):
+        transpose_rows(W, WT, 8 * (b * bands // blocks), min(R, 8 * ((b + 1) * bands // blocks)))
+
+
 @kernel
 def lstm_backward_one(gates, c, tc, peep, WhT, dH, dA, dh, dc, blocks):
     """kernels.lstm_backward for one stream (B = 1), same arguments but WhT (H, G) = Wh.T, which
-    the caller transposes once per window; blocks as in cell_step."""
+    the caller transposes once per window (transpose_split); blocks as in cell_step."""
     T = gates.shape[0]
     for t in range(T - 1, -1, -1):
         dz_next = dA[t + 1, 0] if t < T - 1 else dA[0, 0, :0]

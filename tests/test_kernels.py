@@ -109,3 +109,15 @@ def test_second_call_compiles_nothing_new():
 
 def _kernel_names():
     return [n for n in dir(kernels) if hasattr(getattr(kernels, n), "signatures")]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 24), (24, 7), (65, 1024), (1030, 33)])
+@pytest.mark.parametrize("blocks", [1, 2, 5])
+def test_transposes_match_numpy(shape, blocks):
+    W = np.random.default_rng(0).random(shape, dtype=np.float32)
+    WT = np.full(shape[::-1], np.nan, dtype=np.float32)
+    kernels.transpose_into(W, WT)
+    assert np.array_equal(WT, W.T)
+    WT[:] = np.nan
+    stream_kernels.transpose_split(W, WT, blocks)
+    assert np.array_equal(WT, W.T)
