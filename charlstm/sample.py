@@ -19,6 +19,8 @@ from charlstm.errors import UserError
 from charlstm.model import views
 
 CHUNK_MIN, CHUNK_MAX = 64, 2048  # characters per kernel call
+
+
 class Stream:
     """One stream of a model, stepped one character at a time. State starts at zero."""
 
