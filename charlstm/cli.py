@@ -93,6 +93,8 @@ def cli():
 @click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Gradient clip; 0 is off.")
 @click.option("--clip-mode", type=click.Choice(["value", "norm"]), default="value", show_default=True,
               help="Clip each entry (char-rnn) or the global L2 norm.")
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="Dropout on each layer's output on its way up (not on h -> h); 0 is off.")
 @click.option("--val-frac", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,
               help="Tail fraction of the corpus held out for validation.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
@@ -203,7 +205,9 @@ def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, as_j
 @click.option("--batch-size", type=POSITIVE, default=3, show_default=True, help="Streams in the batch.")
 @click.option("--seq-length", type=POSITIVE, default=5, show_default=True, help="Steps in the window.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random model and data.")
-def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed):
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="Check with this dropout (one fixed set of masks).")
+def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout):
     """Check the kernels' gradients against central differences, in float64.
 
     Prints the max relative error of every parameter tensor and of the initial state h0, c0, and
@@ -215,7 +219,7 @@ def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed):
     """
     from charlstm.gradcheck import TOLERANCE, gradcheck as run_gradcheck
 
-    errors = run_gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed)
+    errors = run_gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout)
     width = max(map(len, errors))
     for name, error in errors.items():
         click.echo(f"{name:<{width}}  {error:.3e}  {'ok' if error < TOLERANCE else 'FAIL'}")

@@ -37,6 +37,7 @@ class TrainConfig:
     adagrad_eps: float = 1e-20
     clip: float = 5.0
     clip_mode: str = "value"
+    dropout: float = 0.0
     val_frac: float = 0.05
     seed: int = 0
     steps: int | None = None
@@ -52,4 +53,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """Options a manifest lacks take the value they had before the option existed."""
+        d = {**BEFORE_OPTION, **d}
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+# Checkpoints written before an option existed trained with these values.
+BEFORE_OPTION = {"dropout": 0.0}

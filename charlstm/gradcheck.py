@@ -4,11 +4,13 @@ Every parameter tensor and the initial state h0, c0 are checked: for each entry,
 gradient from the kernels against (loss(w + eps) - loss(w - eps)) / 2 eps. The error of a tensor is
 max |analytic - numeric| / max |analytic or numeric| over its entries: relative to the tensor's
 scale, so entries near zero (where finite differences are all rounding) cannot dominate it.
-eps = 1e-4 balances truncation (~eps^2) against rounding (~1e-16 / eps).
+eps = 1e-4 balances truncation (~eps^2) against rounding (~1e-16 / eps). With dropout, one set of
+masks is drawn and held fixed: the loss is then a smooth function of the weights.
 """
 import numpy as np
 
 from charlstm import network
+from charlstm.dropout import fill_masks
 from charlstm.config import ModelConfig
 from charlstm.model import layout, param_count
 
@@ -21,7 +23,7 @@ def relative_error(analytic, numeric):
     return float(np.max(np.abs(analytic - numeric)) / max(np.max(np.abs(analytic)), np.max(np.abs(numeric)), 1e-12))
 
 
-def gradcheck(hidden=8, layers=2, peepholes=True, batch_size=3, seq_length=5, seed=0):
+def gradcheck(hidden=8, layers=2, peepholes=True, batch_size=3, seq_length=5, seed=0, dropout=0.0):
     """Returns {tensor name: max relative error}, for every parameter tensor and 'h0', 'c0'."""
     config = ModelConfig(VOCAB, hidden=hidden, layers=layers, peepholes=peepholes, dtype="float64")
     rng = np.random.default_rng(seed)
@@ -29,7 +31,9 @@ def gradcheck(hidden=8, layers=2, peepholes=True, batch_size=3, seq_length=5, se
     x = rng.integers(0, len(VOCAB), (seq_length, batch_size))
     y = rng.integers(0, len(VOCAB), (seq_length, batch_size))
     state = rng.uniform(-0.5, 0.5, (2, layers, batch_size, hidden))  # h0, c0
-    ws = network.Workspace(config, batch_size, seq_length)
+    ws = network.Workspace(config, batch_size, seq_length, dropout=dropout > 0)
+    if dropout > 0:
+        fill_masks(ws.masks, dropout, seed, 0)
 
     def loss():
         network.forward(params, ws, x, state[0], state[1])

@@ -25,7 +25,8 @@ def describe(path, as_json=False):
         f"model        {model.layers}x{model.hidden} LSTM{' with peepholes' if model.peepholes else ''}, "
         f"vocab {model.vocab_size}, {param_count(model):,} parameters, {model.dtype}",
         f"training     batch {train.batch_size} x seq {train.seq_length}, Adagrad lr {train.lr}, "
-        f"clip {train.clip} ({train.clip_mode}), val-frac {train.val_frac}, seed {train.seed}",
+        f"clip {train.clip} ({train.clip_mode}), dropout {train.dropout}, val-frac {train.val_frac}, "
+        f"seed {train.seed}",
         f"progress     step {m.get('step', 0):,}, epoch {m.get('epoch', 0)} "
         f"(window {cursor.get('window', 0)} of {cursor.get('windows_per_epoch', '?')}), "
         f"{m.get('chars_seen', 0):,} chars seen",

@@ -20,9 +20,13 @@ class Workspace:
     """Every array one window needs, allocated once. Per layer l (shapes as in kernels.py):
     gates (L, T, B, G), h and c (L, T+1, B, H), tc (L, T, B, H); shared across layers: z (B, G),
     P (N, V), dA (T, B, G), dH (T, B, H), dh and dc (B, H), layer 0's transposed Wx (V, G), and
-    when B = 1 the transposed Wh (H, G) of the layer in backward."""
+    when B = 1 the transposed Wh (H, G) of the layer in backward.
 
-    def __init__(self, config, batch_size, seq_length):
+    With dropout, `masks` (L, N, H) holds this step's dropout masks (charlstm.dropout; the caller
+    fills them before forward) and `dropped` (L, N, H) each layer's outputs through its mask, as
+    the layer above or the softmax sees them. Without, both are None."""
+
+    def __init__(self, config, batch_size, seq_length, dropout=False):
         L, H, V = config.layers, config.hidden, config.vocab_size
         B, T, G = batch_size, seq_length, 4 * config.hidden
         zeros = lambda *shape: np.zeros(shape, dtype=config.dtype)
@@ -36,10 +40,30 @@ class Workspace:
         stepwise = B == 1 and G * H * np.dtype(config.dtype).itemsize <= ONE_STREAM_MAX_BYTES
         self.WhT = zeros(H, G) if stepwise else zeros(0, G)  # the one-stream backward reads Wh.T
         self.no_peep = zeros(0)
+        self.masks = zeros(L, T * B, H) if dropout else None
+        self.dropped = zeros(L, T * B, H) if dropout else None
+
+    def output_up(self, l):
+        """Layer l's outputs at every position, (N, H), as the layer above (or the softmax, for the
+        top layer) sees them: through the dropout mask once forward has applied it."""
+        if self.masks is not None:
+            return self.dropped[l]
+        return self.h[l, 1:].reshape(-1, self.config.hidden)
 
     def top(self):
-        """The top layer's outputs at every position, (N, H)."""
-        return self.h[-1, 1:].reshape(-1, self.config.hidden)
+        """The top layer's outputs as the softmax sees them, (N, H)."""
+        return self.output_up(self.config.layers - 1)
+
+    def drop(self, l):
+        """Apply layer l's dropout mask to its outputs (no-op without dropout)."""
+        if self.masks is not None:
+            np.multiply(self.h[l, 1:].reshape(-1, self.config.hidden), self.masks[l], out=self.dropped[l])
+
+    def drop_grad(self, l, dH):
+        """dH (N, H), the gradient arriving at layer l's dropped outputs, becomes the gradient at its
+        outputs: the mask again (no-op without dropout)."""
+        if self.masks is not None:
+            dH *= self.masks[l]
 
 
 def one_stream(ws):
@@ -61,8 +85,7 @@ def forward(params, ws, x, h0, c0):
             kernels.transpose_into(w["l0.Wx"], ws.WxT0)
             kernels.gather_input(ws.WxT0, w["l0.b"], x, ws.gates[0])
         else:
-            below = ws.h[l - 1, 1:].reshape(N, cfg.hidden)
-            kernels.project_input(below, w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G))
+            kernels.project_input(ws.output_up(l - 1), w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G))
         ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
         Wh = w[f"l{l}.Wh"]
         if one_stream(ws):  # matrix-vector steps: our own unit-block sweep beats BLAS
@@ -70,6 +93,7 @@ def forward(params, ws, x, h0, c0):
                                             stream_kernels.blocks_for(Wh.nbytes))
         else:
             kernels.lstm_forward(ws.gates[l], Wh, _peep(w, l, ws), ws.h[l], ws.c[l], ws.tc[l], ws.z)
+        ws.drop(l)
 
 
 def loss(params, ws, y):
@@ -88,6 +112,7 @@ def backward(params, grads, ws, x, dh0=None, dc0=None):
     dA2, dH2 = ws.dA.reshape(N, G), ws.dH.reshape(N, H)
     # forward: logits = Htop @ Wy.T + by
     kernels.matmul(ws.P, w["out.W"], dH2)
+    ws.drop_grad(cfg.layers - 1, dH2)
     kernels.weight_grad(ws.P, ws.top(), g["out.W"])
     kernels.column_sums(ws.P, g["out.b"])
     for l in reversed(range(cfg.layers)):
@@ -109,8 +134,8 @@ def backward(params, grads, ws, x, dh0=None, dc0=None):
             kernels.gather_input_grad(ws.dA, x, ws.dWxT0)
             kernels.transpose_into(ws.dWxT0, g["l0.Wx"])
         else:
-            below = ws.h[l - 1, 1:].reshape(N, H)
-            kernels.weight_grad(dA2, below, g[f"l{l}.Wx"])
+            kernels.weight_grad(dA2, ws.output_up(l - 1), g[f"l{l}.Wx"])
             kernels.matmul(dA2, w[f"l{l}.Wx"], dH2)  # the layer below's dloss/dh, from its output's use here
+            ws.drop_grad(l - 1, dH2)
         if dh0 is not None:
             dh0[l], dc0[l] = ws.dh, ws.dc

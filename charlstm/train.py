@@ -20,6 +20,7 @@ from charlstm import blas, network
 from charlstm.checkpoint import load_checkpoint
 from charlstm.config import ModelConfig
 from charlstm.data import Batcher, file_sha256, load_corpus, split
+from charlstm.dropout import fill_masks
 from charlstm.errors import UserError
 from charlstm.model import init_params, param_count
 from charlstm.optim import adagrad_update, clip_gradients, sum_of_squares
@@ -97,7 +98,8 @@ class Trainer:
         n_train, n_val = split(len(corpus.ids), train_cfg.val_frac)
         self.batcher = Batcher(corpus.ids[:n_train], train_cfg.batch_size, train_cfg.seq_length)
         self.val_ids = corpus.ids[n_train:]
-        self.ws = network.Workspace(model_cfg, train_cfg.batch_size, train_cfg.seq_length)
+        self.ws = network.Workspace(model_cfg, train_cfg.batch_size, train_cfg.seq_length,
+                                    dropout=train_cfg.dropout > 0)
         self.grads = np.zeros_like(state.params)
         self.rng = np.random.default_rng(train_cfg.seed)
         if state.rng_state:
@@ -116,6 +118,8 @@ class Trainer:
             s.h[:] = 0
             s.c[:] = 0
         x, y = self.batcher.window(k)
+        if cfg.dropout > 0:  # this step's masks: a function of (seed, step), so resume needs nothing saved
+            fill_masks(self.ws.masks, cfg.dropout, cfg.seed, s.step)
         loss = train_step(s.params, self.grads, s.adagrad, self.ws, x, y, s.h, s.c, cfg)
         s.step += 1
         s.chars_seen += cfg.batch_size * cfg.seq_length
@@ -317,7 +321,7 @@ def summary(trainer, total_steps, deadline_s):
            f"{param_count(m):,} parameters, {m.dtype}")
     yield (f"{cfg.batch_size} streams x {cfg.seq_length} steps = {cfg.batch_size * cfg.seq_length:,} chars per step, "
            f"{trainer.windows_per_epoch:,} steps per epoch ({n_train:,} chars); Adagrad lr {cfg.lr}, "
-           f"clip {cfg.clip} ({cfg.clip_mode})")
+           f"clip {cfg.clip} ({cfg.clip_mode})" + (f", dropout {cfg.dropout}" if cfg.dropout > 0 else ""))
     stops = []
     if total_steps is not None:
         stops.append(f"at step {total_steps:,}")

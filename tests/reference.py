@@ -2,7 +2,9 @@
 
 It shares nothing with the kernels but the parameter names, and is the truth they are checked
 against. Parameters come as a dict of arrays named as in charlstm.model (l0.Wx, l0.Wh, l0.b,
-l0.p, ..., out.W, out.b); x and y are (B, T) ids; h0, c0 are (L, B, H).
+l0.p, ..., out.W, out.b); x and y are (B, T) ids; h0, c0 are (L, B, H). Dropout masks, if given,
+are (L, T, B, H): layer l's output at step t is multiplied by masks[l, t] before the layer above
+(or the softmax) reads it.
 """
 import numpy as np
 
@@ -16,7 +18,7 @@ def split_gates(W, H):
     return W[:H], W[H:2 * H], W[2 * H:3 * H], W[3 * H:]
 
 
-def forward(p, x, y, h0, c0, layers, peepholes):
+def forward(p, x, y, h0, c0, layers, peepholes, masks=None):
     """Returns (mean loss in nats, cache for backward, final h, final c)."""
     B, T = x.shape
     V, H = p["out.W"].shape
@@ -45,7 +47,7 @@ def forward(p, x, y, h0, c0, layers, peepholes):
         cache.append(steps)
         h_last.append(h)
         c_last.append(c)
-        inputs = outputs
+        inputs = outputs if masks is None else [outputs[t] * masks[l, t] for t in range(T)]
     loss, probs = 0.0, []
     for t in range(T):
         logits = inputs[t] @ p["out.W"].T + p["out.b"]
@@ -56,7 +58,7 @@ def forward(p, x, y, h0, c0, layers, peepholes):
     return loss / (B * T), (cache, inputs, probs), np.array(h_last), np.array(c_last)
 
 
-def backward(p, cache, y, layers, peepholes):
+def backward(p, cache, y, layers, peepholes, masks=None):
     """Gradients {name: array} for every parameter, plus 'h0' and 'c0' (L, B, H)."""
     steps_per_layer, top, probs = cache
     B, T = y.shape
@@ -69,7 +71,7 @@ def backward(p, cache, y, layers, peepholes):
         dlogits /= B * T
         grads["out.W"] += dlogits.T @ top[t]
         grads["out.b"] += dlogits.sum(axis=0)
-        dh_above.append(dlogits @ p["out.W"])
+        dh_above.append(dlogits @ p["out.W"] * (1.0 if masks is None else masks[layers - 1, t]))
     dh0, dc0 = np.zeros((layers, B, H)), np.zeros((layers, B, H))
     for l in reversed(range(layers)):
         Wh, Wx = p[f"l{l}.Wh"], p[f"l{l}.Wx"]
@@ -93,7 +95,7 @@ def backward(p, cache, y, layers, peepholes):
             if peepholes:
                 grads[f"l{l}.p"] += np.concatenate([
                     (da_i * s["c_prev"]).sum(0), (da_f * s["c_prev"]).sum(0), (da_o * s["c"]).sum(0)])
-            dx[t] = da @ Wx
+            dx[t] = da @ Wx * (1.0 if masks is None or l == 0 else masks[l - 1, t])
             dh_next = da @ Wh
             dc_next = dc * s["f"] + pi * da_i + pf * da_f
         dh0[l], dc0[l] = dh_next, dc_next

@@ -16,6 +16,14 @@ def test_gradients_match_finite_differences(layers, peepholes, B, T):
     assert not bad
 
 
+@pytest.mark.parametrize("layers,B", [(2, 3), (3, 1)])
+def test_gradients_with_dropout_match_finite_differences(layers, B):
+    errors = gradcheck(hidden=5, layers=layers, peepholes=True, batch_size=B, seq_length=4, seed=7, dropout=0.3)
+    assert {f"l{l}.Wx" for l in range(layers)} <= set(errors)
+    bad = {name: e for name, e in errors.items() if not e < TOLERANCE}
+    assert not bad
+
+
 def test_gradcheck_catches_a_wrong_gradient(monkeypatch):
     """The check can fail: break the backward's output-bias gradient and it must be reported."""
     from charlstm import kernels, network

@@ -25,10 +25,13 @@ def random_case(layers, peepholes, B, T, dtype, seed=0, hidden=6):
     return config, params, x, y, h0, c0
 
 
-def run_network(config, params, x, y, h0, c0):
-    """Loss, gradients (flat), dh0, dc0 and final state from the kernels. x, y are (B, T)."""
+def run_network(config, params, x, y, h0, c0, masks=None):
+    """Loss, gradients (flat), dh0, dc0 and final state from the kernels. x, y are (B, T); dropout
+    masks, if any, (L, T, B, H) as the reference takes them."""
     B, T = x.shape
-    ws = network.Workspace(config, B, T)
+    ws = network.Workspace(config, B, T, dropout=masks is not None)
+    if masks is not None:
+        ws.masks[:] = masks.reshape(ws.masks.shape)
     xt, yt = np.ascontiguousarray(x.T), np.ascontiguousarray(y.T)  # kernels are time-major
     network.forward(params, ws, xt, h0, c0)
     loss = network.loss(params, ws, yt)
@@ -60,15 +63,32 @@ def test_one_stream_unit_blocks_match_reference(monkeypatch, layers, peepholes, 
         assert np.array_equal(ours, theirs)
 
 
-def assert_matches_reference(case, results, tol):
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("layers,peepholes,B", [(1, False, 3), (2, True, 3), (2, False, 1), (3, True, 2)])
+def test_dropout_matches_reference(layers, peepholes, B, dtype, tol):
+    """With dropout masks (zeros and 1/(1-p), as charlstm.dropout makes them) between layers and
+    before the softmax, on both the batch and the one-stream paths."""
+    case = random_case(layers, peepholes, B, 5, dtype)
+    masks = random_masks(case[0], B, 5, p=0.4, seed=1)
+    assert_matches_reference(case, run_network(*case, masks=masks), tol, masks)
+
+
+def random_masks(config, B, T, p, seed):
+    keep = np.random.default_rng(seed).random((config.layers, T, B, config.hidden)) >= p
+    assert 0 < keep.mean() < 1
+    return (keep / (1 - p)).astype(config.dtype)
+
+
+def assert_matches_reference(case, results, tol, masks=None):
     config, params, x, y, h0, c0 = case
     layers, peepholes = config.layers, config.peepholes
     loss, grads, dh0, dc0, hT, cT = results
 
     p64 = {k: v.astype(np.float64) for k, v in views(params, config).items()}
+    m64 = None if masks is None else masks.astype(np.float64)
     ref_loss, cache, ref_h, ref_c = reference.forward(p64, x, y, h0.astype(np.float64), c0.astype(np.float64),
-                                                     layers, peepholes)
-    ref = reference.backward(p64, cache, y, layers, peepholes)
+                                                     layers, peepholes, m64)
+    ref = reference.backward(p64, cache, y, layers, peepholes, m64)
 
     def close(ours, theirs):
         scale = max(1.0, np.abs(theirs).max())

@@ -7,10 +7,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from charlstm import network
 from charlstm.checkpoint import load_checkpoint
+from charlstm.data import split
 from charlstm.train import EXIT_NONFINITE
+from charlstm.validate import validation_loss
 
 from tests.conftest import TINY
 
@@ -31,10 +34,12 @@ def losses(run_dir):
     return out
 
 
-def test_resume_is_exact_byte_for_byte(tmp_path, corpus, run_cli):
-    straight = run_cli("train", corpus, *TINY, "--steps", 40, "--out", tmp_path, "--run", "straight", "--quiet")
+@pytest.mark.parametrize("options", [[], ["--dropout", "0.3"]])
+def test_resume_is_exact_byte_for_byte(tmp_path, corpus, run_cli, options):
+    straight = run_cli("train", corpus, *TINY, *options, "--steps", 40, "--out", tmp_path, "--run", "straight",
+                       "--quiet")
     assert straight.exit_code == 0, straight.output
-    first = run_cli("train", corpus, *TINY, "--steps", 20, "--out", tmp_path, "--run", "split", "--quiet")
+    first = run_cli("train", corpus, *TINY, *options, "--steps", 20, "--out", tmp_path, "--run", "split", "--quiet")
     assert first.exit_code == 0
     second = run_cli("train", "--resume", tmp_path / "split" / "latest.npz", "--steps", 40, "--quiet")
     assert second.exit_code == 0, second.output
@@ -55,6 +60,23 @@ def test_same_options_same_bytes(tmp_path, corpus, run_cli):
         b = load_checkpoint(tmp_path / "b" / name)
         assert arrays(tmp_path / "a" / name) == arrays(tmp_path / "b" / name)
         assert a.manifest["checksum"] == b.manifest["checksum"]
+
+
+def test_dropout_changes_training_not_validation(tmp_path, corpus, run_cli):
+    """Dropout masks the training steps only: validation scores the weights as they are (the same
+    loss as scoring them afresh with no dropout anywhere), and a run with dropout trains to other
+    weights than one without."""
+    for run, options in (("plain", []), ("dropout", ["--dropout", "0.5"])):
+        result = run_cli("train", corpus, *TINY, *options, "--steps", 10, "--out", tmp_path, "--run", run, "--quiet")
+        assert result.exit_code == 0, result.output
+    plain, dropped = (load_checkpoint(tmp_path / run / "latest.npz") for run in ("plain", "dropout"))
+    assert dropped.train_config.dropout == 0.5 and plain.train_config.dropout == 0.0
+    assert not np.array_equal(plain.params, dropped.params)
+    text = corpus.read_text(encoding="utf-8")
+    ids = np.array([dropped.model_config.vocab.index(ch) for ch in text])
+    n_train, _ = split(len(ids), dropped.train_config.val_frac)
+    fresh, _ = validation_loss(dropped.params, dropped.model_config, ids[n_train:])
+    assert dropped.manifest["metrics"]["val_loss"] == fresh
 
 
 def test_loss_falls(tmp_path, corpus, run_cli):

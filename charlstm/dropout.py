@@ -1,0 +1,62 @@
+"""Dropout between layers (Zaremba et al. 2014; char-rnn's and torch-rnn's -dropout).
+
+In training, each layer's output is multiplied on its way up (to the next layer's input product,
+or to the softmax) by a mask of 0 and 1/(1-p), so its expected value is unchanged and validation,
+eval and sampling use the weights as they are. The recurrent h -> h path and the one-hot input are
+never dropped. Masks are (L, N, H): one per layer output, time-major like every window array.
+
+A mask is a hash of (seed, step, position), not a draw from a stateful RNG: a resumed run gets
+the very masks of a straight one with nothing saved, and any thread count gets the same bits.
+The hash is SplitMix64 (Steele, Lea and Flood 2014): position i of step s reads the SplitMix64
+stream keyed by (seed, s) at index i, and drops the unit when its top 24 bits fall below p * 2^24.
+"""
+import numpy as np
+from numba import prange
+
+from charlstm.jit import parallel_kernel
+
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+UNIFORM_BITS = 24
+
+
+def mix64(z):
+    """SplitMix64's finaliser on a Python int (0 <= z < 2^64)."""
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
+    return z ^ (z >> 31)
+
+
+def step_key(seed, step):
+    """The 64-bit key of one step's masks."""
+    return mix64((mix64((seed + GOLDEN) & MASK64) ^ step) & MASK64)
+
+
+def fill_masks(masks, p, seed, step):
+    """Fill masks (L, N, H) for optimizer step `step` of a run seeded `seed`, dropping with
+    probability p: each entry 0 or 1/(1-p)."""
+    threshold = round(p * (1 << UNIFORM_BITS))
+    scale = masks.dtype.type(1.0 / (1.0 - p))
+    _fill(masks.reshape(masks.shape[0] * masks.shape[1], masks.shape[2]), np.uint64(step_key(seed, step)),
+          np.uint64(threshold), scale)
+
+
+_GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
+_S30, _S27, _S31, _SHIFT = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(64 - UNIFORM_BITS)
+
+
+@parallel_kernel
+def _fill(out, key, threshold, scale):
+    """out (R, C): entry i (row-major) is 0 if the top bits of SplitMix64(key + (i+1) * golden)
+    are below threshold, else scale. Every operand is uint64 (Numba would turn a mix into float64)."""
+    R, C = out.shape
+    zero = scale - scale
+    for r in prange(R):
+        base = np.uint64(r) * np.uint64(C)
+        for j in range(C):
+            z = key + (base + np.uint64(j) + np.uint64(1)) * _GOLDEN
+            z = (z ^ (z >> _S30)) * _MIX1
+            z = (z ^ (z >> _S27)) * _MIX2
+            z = z ^ (z >> _S31)
+            out[r, j] = zero if (z >> _SHIFT) < threshold else scale

@@ -1,0 +1,80 @@
+"""Dropout masks: the SplitMix64 stream written again in plain NumPy, the drop rate, and the
+properties exact resume rests on (a function of seed and step only, the same on any thread count).
+How masks enter the forward and backward is checked against the reference in test_kernels and by
+finite differences in test_gradcheck."""
+import numba
+import numpy as np
+import pytest
+
+from charlstm.dropout import fill_masks, step_key
+
+
+def numpy_masks(shape, p, seed, step):
+    """SplitMix64 at indices 1..n of the stream keyed by (seed, step), in NumPy's wrapping uint64."""
+    n = int(np.prod(shape))
+    z = np.uint64(step_key(seed, step)) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    keep = (z >> np.uint64(40)) >= np.uint64(round(p * 2 ** 24))
+    return (keep / (1 - p)).reshape(shape)
+
+
+def splitmix64_first_output(seed):
+    """The first output of the reference SplitMix64 generator (Vigna's splitmix64.c) from state seed."""
+    mask = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_step_key_is_splitmix64():
+    # Published test vector: splitmix64 seeded with 1234567 first returns 6457827717110365317.
+    assert splitmix64_first_output(1234567) == 6457827717110365317
+    assert step_key(1234567, 0) == splitmix64_first_output(splitmix64_first_output(1234567) - 0x9E3779B97F4A7C15)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_masks_match_numpy(dtype, p):
+    masks = np.full((2, 30, 7), np.nan, dtype=dtype)
+    fill_masks(masks, p, seed=3, step=11)
+    assert np.array_equal(masks, numpy_masks(masks.shape, p, 3, 11).astype(dtype))
+
+
+def test_drop_rate_and_values():
+    p = 0.25
+    masks = np.empty((2, 500, 256), dtype=np.float32)
+    fill_masks(masks, p, seed=0, step=0)
+    assert set(np.unique(masks)) == {np.float32(0), np.float32(1 / (1 - p))}
+    n = masks.size
+    dropped = np.count_nonzero(masks == 0)
+    assert abs(dropped - p * n) < 5 * np.sqrt(n * p * (1 - p))  # 5 binomial standard deviations
+    assert abs(masks.mean() - 1) < 0.01  # inverted dropout keeps the expected value
+
+
+def test_masks_depend_on_seed_and_step_only():
+    def masks(seed, step):
+        out = np.empty((2, 40, 16), dtype=np.float32)
+        fill_masks(out, 0.5, seed, step)
+        return out
+
+    assert np.array_equal(masks(0, 5), masks(0, 5))
+    assert not np.array_equal(masks(0, 5), masks(0, 6))
+    assert not np.array_equal(masks(0, 5), masks(1, 5))
+    assert not np.array_equal(masks(0, 5)[0], masks(0, 5)[1])  # layers differ too
+
+
+def test_masks_do_not_depend_on_thread_count():
+    out = {}
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            out[threads] = np.empty((3, 101, 33), dtype=np.float32)
+            fill_masks(out[threads], 0.3, seed=2, step=9)
+        finally:
+            numba.set_num_threads(previous)
+    first, *rest = out.values()
+    assert all(np.array_equal(first, other) for other in rest)
