@@ -6,14 +6,13 @@ eval and sampling use the weights as they are. The recurrent h -> h path and the
 never dropped. Masks are (L, N, H): one per layer output, time-major like every window array.
 
 A mask is a hash of (seed, step, position), not a draw from a stateful RNG: a resumed run gets
-the very masks of a straight one with nothing saved, and any thread count gets the same bits.
+the very masks of a straight one with nothing saved.
 The hash is SplitMix64 (Steele, Lea and Flood 2014): position i of step s reads the SplitMix64
 stream keyed by (seed, s) at index i, and drops the unit when its top 24 bits fall below p * 2^24.
 """
 import numpy as np
-from numba import prange
 
-from charlstm.jit import parallel_kernel
+from charlstm.jit import kernel
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -46,13 +45,16 @@ _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _S30, _S27, _S31, _SHIFT = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(64 - UNIFORM_BITS)
 
 
-@parallel_kernel
+@kernel
 def _fill(out, key, threshold, scale):
     """out (R, C): entry i (row-major) is 0 if the top bits of SplitMix64(key + (i+1) * golden)
-    are below threshold, else scale. Every operand is uint64 (Numba would turn a mix into float64)."""
+    are below threshold, else scale. Every operand is uint64 (Numba would turn a mix into float64).
+
+    One thread on purpose: 0.2 ms a step at 2x256, B=T=50. Run in parallel, Numba's threads kept
+    spinning after it and slowed the forward's BLAS products that follow by 8 ms."""
     R, C = out.shape
     zero = scale - scale
-    for r in prange(R):
+    for r in range(R):
         base = np.uint64(r) * np.uint64(C)
         for j in range(C):
             z = key + (base + np.uint64(j) + np.uint64(1)) * _GOLDEN

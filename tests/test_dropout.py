@@ -1,8 +1,7 @@
 """Dropout masks: the SplitMix64 stream written again in plain NumPy, the drop rate, and the
-properties exact resume rests on (a function of seed and step only, the same on any thread count).
+property exact resume rests on (a function of seed and step only).
 How masks enter the forward and backward is checked against the reference in test_kernels and by
 finite differences in test_gradcheck."""
-import numba
 import numpy as np
 import pytest
 
@@ -64,17 +63,3 @@ def test_masks_depend_on_seed_and_step_only():
     assert not np.array_equal(masks(0, 5), masks(0, 6))
     assert not np.array_equal(masks(0, 5), masks(1, 5))
     assert not np.array_equal(masks(0, 5)[0], masks(0, 5)[1])  # layers differ too
-
-
-def test_masks_do_not_depend_on_thread_count():
-    out = {}
-    for threads in (1, numba.config.NUMBA_NUM_THREADS):
-        previous = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
-            out[threads] = np.empty((3, 101, 33), dtype=np.float32)
-            fill_masks(out[threads], 0.3, seed=2, step=9)
-        finally:
-            numba.set_num_threads(previous)
-    first, *rest = out.values()
-    assert all(np.array_equal(first, other) for other in rest)
