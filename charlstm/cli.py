@@ -93,7 +93,7 @@ def cli():
 @click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Gradient clip; 0 is off.")
 @click.option("--clip-mode", type=click.Choice(["value", "norm"]), default="value", show_default=True,
               help="Clip each entry (char-rnn) or the global L2 norm.")
-@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.15, show_default=True,
               help="Dropout on each layer's output on its way up (not on h -> h); 0 is off.")
 @click.option("--val-frac", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,
               help="Tail fraction of the corpus held out for validation.")

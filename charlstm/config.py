@@ -37,7 +37,7 @@ class TrainConfig:
     adagrad_eps: float = 1e-20
     clip: float = 5.0
     clip_mode: str = "value"
-    dropout: float = 0.0
+    dropout: float = 0.15
     val_frac: float = 0.05
     seed: int = 0
     steps: int | None = None

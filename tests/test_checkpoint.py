@@ -90,6 +90,15 @@ def test_round_trip_keeps_everything(tmp_path, dtype):
     assert ck.manifest["params"][0] == {"name": "l0.Wx", "shape": [16, 6], "offset": 0}
 
 
+def test_options_a_manifest_lacks_take_their_value_from_before_they_existed():
+    """A checkpoint written before --dropout existed trained without it: resuming it must not
+    switch on today's default."""
+    legacy = {k: v for k, v in TrainConfig().to_dict().items() if k != "dropout"}
+    assert TrainConfig().dropout > 0
+    assert TrainConfig.from_dict(legacy).dropout == 0.0
+    assert TrainConfig.from_dict(TrainConfig(dropout=0.3).to_dict()).dropout == 0.3
+
+
 def test_file_is_a_plain_npz(tmp_path):
     """The documented format: np.load reads it without pickles; manifest is UTF-8 JSON."""
     manifest, *arrays = make_state()

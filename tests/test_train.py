@@ -34,7 +34,7 @@ def losses(run_dir):
     return out
 
 
-@pytest.mark.parametrize("options", [[], ["--dropout", "0.3"]])
+@pytest.mark.parametrize("options", [["--dropout", "0"], ["--dropout", "0.3"]])
 def test_resume_is_exact_byte_for_byte(tmp_path, corpus, run_cli, options):
     straight = run_cli("train", corpus, *TINY, *options, "--steps", 40, "--out", tmp_path, "--run", "straight",
                        "--quiet")
@@ -66,7 +66,7 @@ def test_dropout_changes_training_not_validation(tmp_path, corpus, run_cli):
     """Dropout masks the training steps only: validation scores the weights as they are (the same
     loss as scoring them afresh with no dropout anywhere), and a run with dropout trains to other
     weights than one without."""
-    for run, options in (("plain", []), ("dropout", ["--dropout", "0.5"])):
+    for run, options in (("plain", ["--dropout", "0"]), ("dropout", ["--dropout", "0.5"])):
         result = run_cli("train", corpus, *TINY, *options, "--steps", 10, "--out", tmp_path, "--run", run, "--quiet")
         assert result.exit_code == 0, result.output
     plain, dropped = (load_checkpoint(tmp_path / run / "latest.npz") for run in ("plain", "dropout"))
