@@ -6,9 +6,9 @@ eval and sampling use the weights as they are. The recurrent h -> h path and the
 never dropped. Masks are (L, N, H): one per layer output, time-major like every window array.
 
 A mask is a hash of (seed, step, position), not a draw from a stateful RNG: a resumed run gets
-the very masks of a straight one with nothing saved.
-The hash is SplitMix64 (Steele, Lea and Flood 2014): position i of step s reads the SplitMix64
-stream keyed by (seed, s) at index i, and drops the unit when its top 24 bits fall below p * 2^24.
+the very masks of a straight one with nothing saved. The hash is SplitMix64 (Steele, Lea and Flood
+2014): position i of step s reads the SplitMix64 stream keyed by (seed, s) at index i, and drops
+the unit when its top 24 bits fall below p * 2^24.
 """
 import numpy as np
 

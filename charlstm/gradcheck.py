@@ -10,8 +10,8 @@ masks is drawn and held fixed: the loss is then a smooth function of the weights
 import numpy as np
 
 from charlstm import network
-from charlstm.dropout import fill_masks
 from charlstm.config import ModelConfig
+from charlstm.dropout import fill_masks
 from charlstm.model import layout, param_count
 
 EPS = 1e-4
