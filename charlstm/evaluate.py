@@ -24,7 +24,7 @@ from charlstm.jit import is_cached
 from charlstm.data import CHUNK_BYTES, MAX_CODE_POINT, _code_points, _decoder, _open
 from charlstm.errors import UserError
 from charlstm.model import views
-from charlstm.sample import blocks_for, show_chars
+from charlstm.sample import show_chars
 
 WINDOW = 1024  # positions per window: enough to make the batched products efficient
 FEED = 1 << 16  # positions between progress-bar updates
@@ -78,7 +78,7 @@ class Scorer:
     def _window(self, x, y):
         """x, y (T,): inputs and the targets they predict."""
         T, w, cfg = len(x), self.w, self.config
-        A, out, blocks = self.A[:T], self.out[:, :T], blocks_for(w["l0.Wh"].nbytes)
+        A, out, blocks = self.A[:T], self.out[:, :T], stream_kernels.blocks_for(w["l0.Wh"].nbytes)
         kernels.gather_input(self.WxT0, w["l0.b"], x.reshape(T, 1), A.reshape(T, 1, -1))
         for l in range(cfg.layers):
             if l > 0:

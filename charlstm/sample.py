@@ -13,7 +13,6 @@ and grow to CHUNK_MAX. Memory stays constant however long the sample.
 import numpy as np
 
 from charlstm import stream_kernels
-from charlstm.stream_kernels import blocks_for
 from charlstm.jit import is_cached
 from charlstm.errors import UserError
 from charlstm.model import views
@@ -42,7 +41,7 @@ class Stream:
 
     def blocks(self):
         recurrent = self.net[1].nbytes + self.net[2].nbytes  # Wh0 and every [Wx | Wh] above
-        return blocks_for(recurrent / self.config.layers)
+        return stream_kernels.blocks_for(recurrent / self.config.layers)
 
     def reset(self):
         self.h[:] = 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from charlstm import evaluate
+from charlstm import evaluate, stream_kernels
 from charlstm.checkpoint import save_checkpoint
 from charlstm.cli import cli
 from charlstm.config import ModelConfig, TrainConfig
@@ -55,7 +55,7 @@ def write_checkpoint(path, params, config):
 @pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True), (3, False)])
 def test_scorer_matches_the_reference_across_windows_and_pieces(layers, peepholes, dtype, tol, blocks, monkeypatch):
     """blocks=3 splits each layer's units across threads (prange), as large models do."""
-    monkeypatch.setattr(evaluate, "blocks_for", lambda nbytes: blocks)
+    monkeypatch.setattr(stream_kernels, "blocks_for", lambda nbytes: blocks)
     params, config = make_model(layers, peepholes, dtype)
     text = TEXT * 3
     ids = np.array([VOCAB.index(ch) for ch in text])

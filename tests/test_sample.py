@@ -65,7 +65,7 @@ def run(params, config, length, prime="", seed=0, **settings):
 @pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True), (3, False)])
 def test_prime_leaves_the_reference_state(layers, peepholes, dtype, tol, blocks, monkeypatch):
     """blocks=3 splits each layer's units across threads (prange), as large models do."""
-    monkeypatch.setattr(sample, "blocks_for", lambda nbytes: blocks)
+    monkeypatch.setattr(stream_kernels, "blocks_for", lambda nbytes: blocks)
     params, config = make_model(layers, peepholes, dtype)
     ids = np.random.default_rng(1).integers(0, len(VOCAB), 40)
     stream = sample.Stream(params, config)
@@ -79,7 +79,7 @@ def test_prime_leaves_the_reference_state(layers, peepholes, dtype, tol, blocks,
 def test_draws_match_the_reference(settings, monkeypatch):
     """float64, so every draw must be the reference's: temperature divides the logits, top-k keeps
     the k largest, argmax is greedy, the uniforms are consumed one per character in order."""
-    monkeypatch.setattr(sample, "blocks_for", lambda nbytes: 2)
+    monkeypatch.setattr(stream_kernels, "blocks_for", lambda nbytes: 2)
     params, config = make_model()
     ours = run(params, config, 40, prime="ROMEO:", seed=7, **settings)
     assert ours == ref_sample(params, config, "ROMEO:", 40, 7, **settings)
