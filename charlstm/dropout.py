@@ -14,22 +14,25 @@ import numpy as np
 
 from charlstm.jit import kernel
 
-MASK64 = (1 << 64) - 1
-GOLDEN = 0x9E3779B97F4A7C15
-MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 UNIFORM_BITS = 24
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _SHIFT = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(64 - UNIFORM_BITS)
 
 
+@kernel
 def mix64(z):
-    """SplitMix64's finaliser on a Python int (0 <= z < 2^64)."""
-    z = ((z ^ (z >> 30)) * MIX1) & MASK64
-    z = ((z ^ (z >> 27)) * MIX2) & MASK64
-    return z ^ (z >> 31)
+    """SplitMix64's finaliser on a uint64. Every operand is uint64: Numba would turn a mix of
+    signed and unsigned into float64."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
 
 
 def step_key(seed, step):
-    """The 64-bit key of one step's masks."""
-    return mix64((mix64((seed + GOLDEN) & MASK64) ^ step) & MASK64)
+    """The 64-bit key of one step's masks: SplitMix64 seeded with `seed`, its first output mixed
+    again with `step`."""
+    seeded = np.uint64((seed + int(_GOLDEN)) % (1 << 64))
+    return int(mix64(np.uint64(mix64(seeded)) ^ np.uint64(step)))
 
 
 def fill_masks(masks, p, seed, step):
@@ -41,14 +44,10 @@ def fill_masks(masks, p, seed, step):
           np.uint64(threshold), scale)
 
 
-_GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
-_S30, _S27, _S31, _SHIFT = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(64 - UNIFORM_BITS)
-
-
 @kernel
 def _fill(out, key, threshold, scale):
     """out (R, C): entry i (row-major) is 0 if the top bits of SplitMix64(key + (i+1) * golden)
-    are below threshold, else scale. Every operand is uint64 (Numba would turn a mix into float64).
+    are below threshold, else scale.
 
     One thread on purpose: 0.2 ms a step at 2x256, B=T=50. Run in parallel, Numba's threads kept
     spinning after it and slowed the forward's BLAS products that follow by 8 ms."""
@@ -57,8 +56,5 @@ def _fill(out, key, threshold, scale):
     for r in range(R):
         base = np.uint64(r) * np.uint64(C)
         for j in range(C):
-            z = key + (base + np.uint64(j) + np.uint64(1)) * _GOLDEN
-            z = (z ^ (z >> _S30)) * _MIX1
-            z = (z ^ (z >> _S27)) * _MIX2
-            z = z ^ (z >> _S31)
+            z = mix64(key + (base + np.uint64(j) + np.uint64(1)) * _GOLDEN)
             out[r, j] = zero if (z >> _SHIFT) < threshold else scale
