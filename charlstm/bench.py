@@ -33,6 +33,7 @@ def flops_per_step(hidden, batch_size, seq_length, layers, vocab_size):
 def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, warmup=3, dtype="float32"):
     """chars/s and GFLOP/s of full training steps on successive windows of `ids`, timed for at
     least `seconds` after `warmup` untimed steps."""
+    from charlstm.threads import Governor
     from charlstm.train import train_step
 
     model = ModelConfig(vocab, hidden=hidden, layers=layers, dtype=dtype)
@@ -43,12 +44,12 @@ def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, war
     h = np.zeros((layers, batch_size, hidden), dtype=dtype)
     c = np.zeros_like(h)
     batcher = Batcher(ids, batch_size, seq_length)
-    step, start, elapsed = 0, None, 0.0
+    step, start, elapsed, governor = 0, None, 0.0, Governor()
     while start is None or elapsed < seconds:
         if step == warmup:
             start = time.perf_counter()
         x, y = batcher.window(step % batcher.windows_per_epoch)
-        train_step(params, grads, adagrad, ws, x, y, h, c, cfg)
+        governor.run(lambda: train_step(params, grads, adagrad, ws, x, y, h, c, cfg))
         step += 1
         if start is not None:
             elapsed = time.perf_counter() - start

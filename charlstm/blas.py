@@ -28,11 +28,18 @@ def _find_library():
 
 
 _library = _find_library()
+_AT_LOAD = getattr(_library, _GET)() if _library is not None else None  # OPENBLAS_NUM_THREADS's count
 
 
 def threads():
     """BLAS's thread count now (None when it cannot be read)."""
     return getattr(_library, _GET)() if _library is not None else None
+
+
+def set_threads(n):
+    """Run BLAS on n threads from now on (at most the count it loaded with)."""
+    if _library is not None:
+        getattr(_library, _SET)(max(1, min(n, _AT_LOAD)))
 
 
 @contextlib.contextmanager

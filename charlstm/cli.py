@@ -271,7 +271,7 @@ def sample(checkpoint, length, temperature, top_k, argmax, seed, prime, prime_fi
     ckpt = load_checkpoint(checkpoint)
     text = sampling.read_prime(prime, prime_file)
     text = sampling.check_prime(text, ckpt.model_config.vocab, unknown, warn=lambda m: click.echo(m, err=True))
-    if not sampling.kernels_cached():
+    if not sampling.kernels_cached(ckpt.model_config):
         click.echo("compiling kernels (first run only)...", err=True)
     try:
         sampling.write_samples(sys.stdout, ckpt.params, ckpt.model_config, seed, samples, length, text,
@@ -307,7 +307,7 @@ def evaluate(checkpoint, file, as_json, unknown, encoding, threads):
     from charlstm.evaluate import evaluate_file, kernels_cached, report
 
     ckpt = load_checkpoint(checkpoint)
-    if not kernels_cached():
+    if not kernels_cached(ckpt.model_config):
         click.echo("compiling kernels (first run only)...", err=True)
     score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,
                           warn=lambda m: click.echo(m, err=True))

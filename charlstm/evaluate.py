@@ -4,7 +4,7 @@ score is the mean over positions 2..N of -log p(char | all earlier chars), in na
 The stream advances layer by layer over windows of WINDOW positions, carrying h and c from one
 window to the next: layer 0's input is a row lookup, the input products of the layers above and
 the output layer (logits, log-softmax, the targets' log-probabilities) are one matrix product per
-window, and only the recurrent product runs step by step (stream_kernels.lstm_forward_stream).
+window, and only the recurrent product runs step by step (stream_kernels.lstm_forward_one).
 
 The file is read twice in chunks, never whole: pass 1 counts its characters and finds any outside
 the vocabulary (so that an error comes before the work, and the progress bar knows its total);
@@ -55,9 +55,10 @@ class Scorer:
         self.WxT0 = np.ascontiguousarray(self.w["l0.Wx"].T)  # (V, G): the one-hot input is a row lookup
         self.no_peep = np.zeros(0, dtype)
         self.config, self.window = config, window
-        self.h, self.c = np.zeros((L, H), dtype), np.zeros((L, H), dtype)
-        self.A, self.z = np.zeros((window, G), dtype), np.zeros(G, dtype)
-        self.out = np.zeros((L, window, H), dtype)  # h_t of every layer over the window
+        # h, c (L, window+1, H): row 0 the state carried in, row t+1 the state after step t
+        self.h, self.c = np.zeros((L, window + 1, H), dtype), np.zeros((L, window + 1, H), dtype)
+        self.A, self.tc = np.zeros((window, G), dtype), np.zeros((window, H), dtype)
+        self.blocks = stream_kernels.blocks_for(self.w["l0.Wh"].nbytes)
         self.P = np.zeros((window, V), dtype)
         self.prev = None  # the last id fed: the input that predicts the next one
         self.total, self.count = 0.0, 0  # nats summed in float64, predictions made
@@ -78,15 +79,16 @@ class Scorer:
     def _window(self, x, y):
         """x, y (T,): inputs and the targets they predict."""
         T, w, cfg = len(x), self.w, self.config
-        A, out, blocks = self.A[:T], self.out[:, :T], stream_kernels.blocks_for(w["l0.Wh"].nbytes)
+        A, h, c = self.A[:T], self.h[:, :T + 1], self.c[:, :T + 1]
         kernels.gather_input(self.WxT0, w["l0.b"], x.reshape(T, 1), A.reshape(T, 1, -1))
         for l in range(cfg.layers):
             if l > 0:
-                kernels.project_input(out[l - 1], w[f"l{l}.Wx"], w[f"l{l}.b"], A)
+                kernels.project_input(h[l - 1, 1:], w[f"l{l}.Wx"], w[f"l{l}.b"], A)
             peep = w.get(f"l{l}.p", self.no_peep)
-            stream_kernels.lstm_forward_stream(A, w[f"l{l}.Wh"], peep, self.h[l], self.c[l], self.z, out[l], blocks)
-        self.total += stream_kernels.nll_sum(out[-1], w["out.W"], w["out.b"], y, self.P[:T])
+            stream_kernels.lstm_forward_one(A, w[f"l{l}.Wh"], peep, h[l], c[l], self.tc[:T], self.blocks)
+        self.total += stream_kernels.nll_sum(h[-1, 1:], w["out.W"], w["out.b"], y, self.P[:T])
         self.count += T
+        h[:, 0], c[:, 0] = h[:, T], c[:, T]  # carried into the next window
 
     def score(self):
         return self.total / self.count if self.count else math.nan
@@ -166,6 +168,7 @@ def report(score, path, as_json=False, skipping=False):
     ])
 
 
-def kernels_cached():
+def kernels_cached(config):
     """Whether the scoring kernels are in Numba's disk cache (so no compile is coming)."""
-    return is_cached(stream_kernels.lstm_forward_stream, stream_kernels.nll_sum)
+    blocks = stream_kernels.blocks_for(4 * config.hidden ** 2 * np.dtype(config.dtype).itemsize)  # Wh's bytes
+    return is_cached(stream_kernels.lstm_forward_one.for_blocks(blocks), stream_kernels.nll_sum)

@@ -1,13 +1,28 @@
-"""How charlstm compiles its kernels, and the typed math they share.
+"""How charlstm compiles its kernels, the rule its threads follow, and the typed math they share.
 
-`kernel` is njit with the package's flags and a disk cache that fails soft; `parallel_kernel` adds
-parallel=True for prange loops. `tanh`, `sigmoid` and `like` are typed per dtype: in float32 the
-nonlinearities are rational approximations that vectorize (libm calls do not) and `like` keeps
-scalar constants in float32; float64 keeps the exact functions, for the gradient checks.
+`kernel` is njit with the package's flags and a disk cache that fails soft (and is written under a
+file lock, so processes that start together cannot corrupt it). `threaded_kernel` is the one way
+to run work on Numba's threads (see THE THREADING RULE below). `tanh`, `sigmoid` and `like` are
+typed per dtype: in float32 the nonlinearities are rational approximations that vectorize (libm
+calls do not) and `like` keeps scalar constants in float32; float64 keeps the exact functions, for
+the gradient checks.
+
+THE THREADING RULE: a kernel with prange loops (parallel=True) is an entry point, called from
+Python only, never from another kernel; it holds its prange loops itself and calls only plain
+kernels inside them. `threaded_kernel` builds such entry points as Python objects, which Numba
+cannot call from a kernel, so the rule holds by construction (and tests/test_jit.py checks it).
+Why: a cached plain kernel that calls a parallel one, loaded from Numba's disk cache in a fresh
+process, does not bring the parallel runtime's start-up hook with it (Numba keeps the callee's
+`reload_init` in its in-memory library but not in the caller's cache entry), so its first parfor
+jumps into a thread pool that was never launched: SIGSEGV (numba#8578; seen here as `bench
+--batch-size 1` dying on its second run, and fixed by nothing but this rule or launching the pool
+by hand). An entry point's own cache entry carries the hook, so loading it starts the pool.
 """
+import fcntl
 import math
 import os
 import sys
+import types as pytypes
 
 import numpy as np
 from numba import njit, types
@@ -55,11 +70,33 @@ class _SoftCache(FunctionCache):
             return None
 
     def save_overload(self, sig, data):
+        # Numba picks a new entry's data file by reading the index, taking the first free name and
+        # writing the index back: two processes compiling different signatures of one kernel at
+        # once can both take `.1.nbc`, leaving an index entry pointing at the other's machine code
+        # (a crash on the next load, numba#4807). Under the lock the read-modify-write is whole.
         try:
-            super().save_overload(sig, data)
+            with _cache_lock(self.cache_path):
+                super().save_overload(sig, data)
         except Exception as e:  # e.g. OSError: no space left on device
             self.disable()
             _cache_warning(f"cannot write to {self.cache_path}: {_short(e)}")
+
+
+class _cache_lock:
+    """An exclusive flock on one file in the cache folder, held while a kernel is saved (readers
+    need none: Numba replaces index and data files atomically, and under the lock an index entry
+    never changes which signature its data file holds)."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, "charlstm-cache.lock")
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
 
 
 def _cache_warning(reason):
@@ -133,9 +170,87 @@ def _like_impl(x, value):
     return lambda x, value: scalar_type(value)
 
 
-def parallel_kernel(fn):
-    """`kernel` with parallel=True: its prange loops run on Numba's threads (NUMBA_NUM_THREADS)."""
-    return kernel(fn, parallel=True)
+def inline_kernel(fn):
+    """`kernel` inlined into its callers by Numba (inline="always")."""
+    return kernel(fn, inline="always")
+
+
+class threaded_kernel:
+    """An entry point whose prange loops split work into `blocks`, its last argument (THE
+    THREADING RULE above). Compiled twice from one source: with parallel=True for blocks > 1, and
+    as a plain kernel (prange is then range) for blocks == 1, which runs in the calling thread with
+    no parallel launch (worth it for small layers). Call it from Python only.
+    """
+
+    def __init__(self, fn):
+        self.__doc__, self.__name__, self.__wrapped__ = fn.__doc__, fn.__name__, fn
+        self.parallel = _run_from_cache(fn, "parallel", parallel=True)
+        self.serial = _run_from_cache(_renamed(fn, fn.__name__ + "_serial"), "serial")  # own cache files
+
+    def __call__(self, *args):
+        return self.for_blocks(args[-1])(*args)
+
+    def for_blocks(self, blocks):
+        """The compiled variant a call with this block count runs."""
+        return self.parallel if blocks > 1 else self.serial
+
+
+def _run_from_cache(fn, variant, **options):
+    """A kernel that runs the machine code in Numba's disk cache even in the process that needed
+    it first: a child process compiles each new signature into the cache, then this one loads it.
+
+    Why: a cold run and a warm run must train the same bytes, and they did not. Numba compiles a
+    parfor's body as its own function and runs that copy in the compiling process, but caches the
+    copy linked into the entry point, which LLVM optimizes a second time; under fastmath's reassoc
+    and contract the two round differently (the one-stream backward at H=192: dA off by 2e-7
+    between a cold and a warm process, every time). Compiling in the same process and then
+    loading does not help: the loaded code's call resolves to the gufunc already in memory.
+    Only entry points may do this: a kernel loaded from the cache carries no LLVM IR, so another
+    kernel could not link it in. `variant` names the attribute of the threaded_kernel it is.
+    """
+    entry = kernel(fn, **options)
+    if not isinstance(getattr(entry, "_cache", None), _SoftCache):
+        return entry  # no disk cache: every process compiles in memory, and all agree
+    compile_here = entry.compile
+
+    def compile_through_cache(sig):
+        if entry._cache.load_overload(sig, entry.targetctx) is None:
+            _compile_in_child(fn.__module__, fn.__name__.removesuffix("_serial"), variant, sig)
+        return compile_here(sig)  # loaded from the cache (or, if the child failed, compiled here)
+
+    entry.compile = compile_through_cache
+    return entry
+
+
+def _compile_in_child(module, name, variant, sig):
+    """Compile module.name.variant for the signature in a fresh process, which saves it to the cache."""
+    import base64
+    import pickle
+    import subprocess
+
+    payload = base64.b64encode(pickle.dumps((module, name, variant, tuple(sig)))).decode()
+    code = f"from charlstm.jit import _compile_from_parent as c; c({payload!r})"
+    subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, check=False)
+
+
+def _compile_from_parent(payload):
+    """The child's side of _compile_in_child: compile once, in memory and into the cache."""
+    import base64
+    import importlib
+    import pickle
+
+    module, name, variant, sig = pickle.loads(base64.b64decode(payload))
+    entry = getattr(getattr(importlib.import_module(module), name), variant)
+    kernel_compile = type(entry).compile  # the plain compile, not compile_through_cache
+    kernel_compile(entry, sig)
+
+
+def _renamed(fn, name):
+    """A copy of fn under another name: Numba names its cache files after the qualified name and
+    keys entries by signature only, so two variants of one function need two names."""
+    copy = pytypes.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__module__, copy.__doc__ = name, fn.__module__, fn.__doc__
+    return copy
 
 
 def is_cached(*dispatchers):

@@ -89,7 +89,9 @@ def forward(params, ws, x, h0, c0):
         ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
         Wh = w[f"l{l}.Wh"]
         if one_stream(ws):  # matrix-vector steps: our own unit-block sweep beats BLAS
-            stream_kernels.lstm_forward_one(ws.gates[l], Wh, _peep(w, l, ws), ws.h[l], ws.c[l], ws.tc[l],
+            H = cfg.hidden
+            stream_kernels.lstm_forward_one(ws.gates[l].reshape(-1, G), Wh, _peep(w, l, ws), ws.h[l].reshape(-1, H),
+                                            ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H),
                                             stream_kernels.blocks_for(Wh.nbytes))
         else:
             kernels.lstm_forward(ws.gates[l], Wh, _peep(w, l, ws), ws.h[l], ws.c[l], ws.tc[l], ws.z)
@@ -122,8 +124,9 @@ def backward(params, grads, ws, x, dh0=None, dc0=None):
         if one_stream(ws):
             blocks = stream_kernels.blocks_for(Wh.nbytes)
             stream_kernels.transpose_split(Wh, ws.WhT, blocks)
-            stream_kernels.lstm_backward_one(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), ws.WhT, ws.dH, ws.dA,
-                                             ws.dh, ws.dc, blocks)
+            stream_kernels.lstm_backward_one(ws.gates[l].reshape(-1, G), ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H),
+                                             _peep(w, l, ws), ws.WhT, ws.dH.reshape(-1, H), dA2, ws.dh[0], ws.dc[0],
+                                             blocks)
         else:
             kernels.lstm_backward(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), Wh, ws.dH, ws.dA, ws.dh, ws.dc)
         kernels.weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"])

@@ -18,6 +18,7 @@ from charlstm.errors import UserError
 from charlstm.model import views
 
 CHUNK_MIN, CHUNK_MAX = 64, 2048  # characters per kernel call
+NO_UNIFORMS, NO_IDS = np.zeros(0), np.zeros(0, np.int64)  # a feed draws nothing
 
 
 class Stream:
@@ -40,8 +41,7 @@ class Stream:
         self.codes = np.frombuffer(config.vocab.encode("utf-32-le"), dtype=np.uint32)  # id -> code point
 
     def blocks(self):
-        recurrent = self.net[1].nbytes + self.net[2].nbytes  # Wh0 and every [Wx | Wh] above
-        return stream_kernels.blocks_for(recurrent / self.config.layers)
+        return stream_blocks(self.config)
 
     def reset(self):
         self.h[:] = 0
@@ -49,13 +49,14 @@ class Stream:
 
     def feed(self, ids):
         """Advance the state through the ids (a prime)."""
-        stream_kernels.feed_stream(self.net, np.asarray(ids, dtype=np.int64), self.h, self.c, self.work, self.blocks())
+        stream_kernels.run_stream(self.net, np.asarray(ids, dtype=np.int64), self.h, self.c, NO_UNIFORMS, 1.0, 0, False,
+                                  self.work, NO_IDS, self.blocks())
 
     def run(self, x, uniforms, temperature=1.0, top_k=0, greedy=False):
         """Feed id x, then draw and feed one id per uniform; returns the drawn ids (n,) int64."""
         out = np.empty(len(uniforms), dtype=np.int64)
-        stream_kernels.sample_stream(self.net, x, self.h, self.c, uniforms, 1.0 / temperature, top_k or 0,
-                              greedy, self.work, out, self.blocks())
+        stream_kernels.run_stream(self.net, np.array([x], dtype=np.int64), self.h, self.c, np.asarray(uniforms, float),
+                                  1.0 / temperature, top_k or 0, bool(greedy), self.work, out, self.blocks())
         return out
 
     def decode(self, ids):
@@ -178,6 +179,14 @@ def write_samples(out, params, config, seed, samples, length, prime="", **settin
         out.flush()
 
 
-def kernels_cached():
-    """Whether the sampling kernels are in Numba's disk cache (so no compile is coming)."""
-    return is_cached(stream_kernels.sample_stream)
+def stream_blocks(config):
+    """Unit blocks (threads) for a step of this model: by the weights a layer's step reads on
+    average, Wh of layer 0 and [Wx | Wh] of each layer above."""
+    L, H = config.layers, config.hidden
+    recurrent = 4 * H * (H + (L - 1) * 2 * H) * np.dtype(config.dtype).itemsize
+    return stream_kernels.blocks_for(recurrent / L)
+
+
+def kernels_cached(config):
+    """Whether the sampling kernels for this model are in Numba's disk cache (so no compile is coming)."""
+    return is_cached(stream_kernels.run_stream.for_blocks(stream_blocks(config)))

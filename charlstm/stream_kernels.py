@@ -1,12 +1,16 @@
 """One stream (B = 1), step by step: the kernels behind sampling, eval and training with B = 1.
 
-One stream (B = 1) advanced one character at a time: sampling, priming, scoring a file. A step
-reads every recurrent weight once (12.6 MB at H=512, L=2 in float32), so it is bound by memory
-bandwidth, not arithmetic: the work is one sweep over the weight rows, split across threads in
-blocks of hidden units. A block owns units [lo, hi): it dots their four gate rows k, H+k, 2H+k,
-3H+k with the input vector in one loop (each input element loaded once for four rows), then runs
-their gates, cell and output. A thread gets the same block every step, so its rows stay in its
-core's cache when they fit.
+A step of one stream reads every recurrent weight once (12.6 MB at H=512, L=2 in float32), so it
+is bound by memory bandwidth, not arithmetic: the work is one sweep over the weight rows, split
+across threads in blocks of hidden units. A block owns units [lo, hi): it dots their four gate
+rows k, H+k, 2H+k, 3H+k with the input vector in one loop (each input element loaded once for four
+rows), then runs their gates, cell and output. A thread gets the same block every step, so its
+rows stay in its core's cache when they fit. A unit's sums run in one fixed order whatever the
+block count, so results do not depend on it.
+
+The entry points (lstm_forward_one, lstm_backward_one, transpose_split, run_stream) are
+threaded_kernels: each holds its time loop and its prange over unit blocks itself, and is called
+from Python only (jit.py's threading rule). Everything they call is a plain kernel.
 
 Dimension letters as in kernels.py.
 """
@@ -16,7 +20,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from charlstm.jit import kernel, like, parallel_kernel, sigmoid, tanh
+from charlstm.jit import inline_kernel, kernel, like, sigmoid, tanh, threaded_kernel
 from charlstm.kernels import transpose_rows
 
 
@@ -31,9 +35,21 @@ def blocks_for(nbytes):
     return numba.get_num_threads() if nbytes >= PARALLEL_BYTES else 1
 
 
-@kernel
+# ---------------------------------------------------------------- one step of a block of units
+
+@inline_kernel
 def cell_units(W, v, a, peep, c_prev, c, z, tc, h_out, lo, hi):
-    """One step of hidden units [lo, hi) of one layer of one stream (arguments as in cell_step)."""
+    """One step of hidden units [lo, hi) of one layer of one stream.
+
+    W     (G, K)  weights against the input vector v (K,): Wh with v = h_{t-1}, or [Wx | Wh]
+                  (G, 2H) with v = [h_t of the layer below | h_{t-1}]
+    a     (G,)    the rest of the pre-activation: the bias, plus layer 0's one-hot input column
+    peep  (3H,)   peephole weights i, f, o; length 0 when off
+    c_prev (H,)   c_{t-1};  c (H,) out: c_t (c may be c_prev: updated in place)
+    z     (G,)    out: the gates i, f, o, g after their nonlinearity (z may be a)
+    tc    (H,)    out: tanh(c_t) (tc may be h_out when it is not needed)
+    h_out (H,)    out: h_t. Must not alias v: other blocks may still be reading h_{t-1}.
+    """
     H = c.shape[0]
     K = v.shape[0]
     zero = like(c[0], 0.0)
@@ -77,94 +93,8 @@ def cell_units(W, v, a, peep, c_prev, c, z, tc, h_out, lo, hi):
         hu[k] = zo[k] * tu[k]  # h = o * tanh(c)
 
 
-@parallel_kernel
-def cell_step(W, v, a, peep, c_prev, c, z, tc, h_out, blocks):
-    """One step of one layer of one stream.
 
-    W     (G, K)  weights against the input vector v (K,): Wh with v = h_{t-1}, or [Wx | Wh]
-                  (G, 2H) with v = [h_t of the layer below | h_{t-1}]
-    a     (G,)    the rest of the pre-activation: the bias, plus layer 0's one-hot input column
-    peep  (3H,)   peephole weights i, f, o; length 0 when off
-    c_prev (H,)   c_{t-1};  c (H,) out: c_t (c may be c_prev: updated in place)
-    z     (G,)    out: the gates i, f, o, g after their nonlinearity (z may be a)
-    tc    (H,)    out: tanh(c_t) (tc may be h_out when it is not needed)
-    h_out (H,)    out: h_t. Must not alias v: other blocks may still be reading h_{t-1}.
-    blocks        how many unit blocks (threads) to split the work into. 1 runs in the calling
-                  thread with no parallel launch (worth it for small layers). The caller chooses
-                  (numba.get_num_threads() called in here would stop Numba caching the kernel).
-    """
-    H = c.shape[0]
-    if blocks <= 1:
-        cell_units(W, v, a, peep, c_prev, c, z, tc, h_out, 0, H)
-        return
-    blocks = min(blocks, H)
-    for b in prange(blocks):
-        cell_units(W, v, a, peep, c_prev, c, z, tc, h_out, b * H // blocks, (b + 1) * H // blocks)
-
-
-@kernel
-def lstm_forward_stream(A, Wh, peep, h, c, z, Hout, blocks):
-    """One layer of one stream over T steps (scoring a file layer by layer, so that the input and
-    output products batch over time and only Wh is read per step).
-
-    A (T, G) input term + bias per step; Wh (G, H); peep (3H,) or (0,); z (G,) workspace;
-    h, c (H,) in: the carried state, out: the state after the last step; Hout (T, H) out: h_t;
-    blocks as in cell_step.
-    """
-    T = A.shape[0]
-    cell_step(Wh, h, A[0], peep, c, c, z, Hout[0], Hout[0], blocks)
-    for t in range(1, T):
-        cell_step(Wh, Hout[t - 1], A[t], peep, c, c, z, Hout[t], Hout[t], blocks)
-    h[:] = Hout[T - 1]
-
-
-@kernel
-def stream_step(net, x, h, c, work, blocks):
-    """Feed the char id x to every layer of one stream: h, c (L, H) in/out.
-
-    net  (WxT0 (V, G), Wh0 (G, H), Wcat (L-1, G, 2H), bias (L, G), peep (L, 3H) or (L, 0), ...)
-         where Wcat[l-1] = [Wx | Wh] of layer l: its input vector [h_t below | h_{t-1}] is the
-         contiguous slice h[l-1:l+1] once layer l-1 has been updated in place.
-    work (a (G,), z (G,), hn (H,), ...);  blocks as in cell_step
-    """
-    WxT0, Wh0, Wcat, bias, peep = net[0], net[1], net[2], net[3], net[4]
-    a, z, hn = work[0], work[1], work[2]
-    L, H = h.shape
-    row, b0 = WxT0[x], bias[0]
-    for j in range(a.shape[0]):
-        a[j] = row[j] + b0[j]  # one-hot input: a column of Wx
-    cell_step(Wh0, h[0], a, peep[0], c[0], c[0], z, hn, hn, blocks)
-    h[0, :] = hn
-    flat = h.reshape(L * H)
-    for l in range(1, L):
-        cell_step(Wcat[l - 1], flat[(l - 1) * H:(l + 1) * H], bias[l], peep[l], c[l], c[l], z, hn, hn, blocks)
-        h[l, :] = hn
-
-
-@kernel
-def feed_stream(net, ids, h, c, work, blocks):
-    """Feed the ids (n,) one by one (a prime warming the state)."""
-    for n in range(ids.shape[0]):
-        stream_step(net, ids[n], h, c, work, blocks)
-
-
-# ---------------------------------------------------------------- training one stream (B = 1)
-# kernels.lstm_forward/lstm_backward with B = 1, where each step's product is a matrix-vector
-# product: through BLAS, every call streams all of Wh from the shared L3. Here each step is one
-# sweep over Wh split into unit blocks, a block per thread, so each core keeps its share of Wh in
-# its own cache all window long (the backward reads Wh.T, so a unit's weights are one row).
-# A unit's sums run in one fixed order whatever the block count, so results do not depend on it.
-
-@kernel
-def lstm_forward_one(A, Wh, peep, h, c, tc, blocks):
-    """kernels.lstm_forward for one stream, same arguments: A (T, 1, G), h, c (T+1, 1, H),
-    tc (T, 1, H); blocks as in cell_step."""
-    for t in range(A.shape[0]):
-        a = A[t, 0]  # the input term becomes the gates in place
-        cell_step(Wh, h[t, 0], a, peep, c[t, 0], c[t + 1, 0], a, tc[t, 0], h[t + 1, 0], blocks)
-
-
-@kernel
+@inline_kernel
 def back_units(WhT, dz, dh, lo, hi):
     """dh[lo:hi] = (dz @ Wh)[lo:hi] from WhT (H, G) = Wh.T, where a unit's column of Wh is a
     contiguous row: one dot product with dz (G,) per unit, the same sum whatever the block."""
@@ -176,9 +106,18 @@ def back_units(WhT, dz, dh, lo, hi):
         dh[k] = s
 
 
-@kernel
+@inline_kernel
 def cell_grad_units(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, lo, hi):
-    """Units [lo, hi) of one backward step (arguments as in cell_grad_step)."""
+    """One backward step of units [lo, hi) of one layer of one stream.
+
+    WhT     (H, G) Wh transposed
+    dz_next (G,)   dloss/d(pre-activations) of step t+1, or length 0 at the window's last step
+    gates   (G,)   i, f, o, g of step t;  c_prev (H,) c_{t-1};  tc (H,) tanh(c_t);  peep as in cell_units
+    dHt     (H,)   in: dloss/dh_t from above; out: the total dloss/dh_t
+    dh      (H,)   in at the last step: the gradient from after the window; out: dz_next @ Wh
+    dc      (H,)   in: dloss/dc_t; out: dloss/dc_{t-1}
+    dz      (G,)   out: dloss/d(pre-activations) of step t
+    """
     H = dh.shape[0]
     if dz_next.shape[0] > 0:
         back_units(WhT, dz_next, dh, lo, hi)
@@ -210,60 +149,102 @@ def cell_grad_units(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, lo, 
             dcu[k] += pi[k] * di[k] + pf[k] * df[k]
 
 
-@parallel_kernel
-def cell_grad_step(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, blocks):
-    """One backward step of one layer of one stream.
 
-    WhT     (H, G) Wh transposed
-    dz_next (G,)   dloss/d(pre-activations) of step t+1, or length 0 at the window's last step
-    gates   (G,)   i, f, o, g of step t;  c_prev (H,) c_{t-1};  tc (H,) tanh(c_t);  peep as in cell_step
-    dHt     (H,)   in: dloss/dh_t from above; out: the total dloss/dh_t
-    dh      (H,)   in at the last step: the gradient from after the window; out: dz_next @ Wh
-    dc      (H,)   in: dloss/dc_t; out: dloss/dc_{t-1}
-    dz      (G,)   out: dloss/d(pre-activations) of step t
+# ---------------------------------------------------------------- entry points (called from Python)
+
+@threaded_kernel
+def lstm_forward_one(A, Wh, peep, h, c, tc, blocks):
+    """One layer of one stream over T steps: kernels.lstm_forward with B = 1 (training), and a
+    window of a scored file (eval).
+
+    A    (T, G)    in: input term + bias per step; out: the gates after their nonlinearity
+    Wh   (G, H);   peep (3H,) or (0,)
+    h, c (T+1, H)  h[0], c[0] in: the carried state; h[t+1], c[t+1] out: the state after step t
+    tc   (T, H)    out: tanh(c_t)
+    blocks         unit blocks (threads) to split each step into: blocks_for(Wh.nbytes)
     """
-    H = dh.shape[0]
-    if blocks <= 1:
-        cell_grad_units(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, 0, H)
-        return
+    T, H = A.shape[0], h.shape[1]
     blocks = min(blocks, H)
-    for b in prange(blocks):
-        cell_grad_units(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, b * H // blocks, (b + 1) * H // blocks)
+    for t in range(T):
+        a = A[t]  # the input term becomes the gates in place
+        for b in prange(blocks):
+            cell_units(Wh, h[t], a, peep, c[t], c[t + 1], a, tc[t], h[t + 1], b * H // blocks, (b + 1) * H // blocks)
 
 
-@parallel_kernel
-def back_step(WhT, dz, dh, blocks):
-    """dh (H,) = dz (G,) @ Wh, from WhT (H, G), split in unit blocks."""
-    H = dh.shape[0]
-    if blocks <= 1:
-        back_units(WhT, dz, dh, 0, H)
-        return
+@threaded_kernel
+def lstm_backward_one(gates, c, tc, peep, WhT, dH, dA, dh, dc, blocks):
+    """kernels.lstm_backward for one stream (B = 1): gates, dA (T, G), c (T+1, H), tc, dH (T, H),
+    dh, dc (H,), and WhT (H, G) = Wh.T, which the caller transposes once per window
+    (transpose_split); blocks as in lstm_forward_one."""
+    T, H = gates.shape[0], dh.shape[0]
     blocks = min(blocks, H)
+    for t in range(T - 1, -1, -1):
+        dz_next = dA[t + 1] if t < T - 1 else dA[0, :0]
+        for b in prange(blocks):
+            cell_grad_units(WhT, dz_next, gates[t], c[t], tc[t], peep, dH[t], dh, dc, dA[t],
+                            b * H // blocks, (b + 1) * H // blocks)
     for b in prange(blocks):
-        back_units(WhT, dz, dh, b * H // blocks, (b + 1) * H // blocks)
+        back_units(WhT, dA[0], dh, b * H // blocks, (b + 1) * H // blocks)  # dloss/dh_0
 
 
-@parallel_kernel
+@threaded_kernel
 def transpose_split(W, WT, blocks):
     """kernels.transpose_into split across threads in bands of rows (WT = W.T, (R, C) -> (C, R))."""
-    R = W.shape[0]
-    if blocks <= 1:
-        transpose_rows(W, WT, 0, R)
-        return
-    bands = (R + 7) // 8
+    bands = (W.shape[0] + 7) // 8
     for b in prange(blocks):
-        transpose_rows(W, WT, 8 * (b * bands // blocks), min(R, 8 * ((b + 1) * bands // blocks)))
+        transpose_rows(W, WT, 8 * (b * bands // blocks), min(W.shape[0], 8 * ((b + 1) * bands // blocks)))
 
+
+@threaded_kernel
+def run_stream(net, feed, h, c, u, inv_temp, top_k, greedy, work, out, blocks):
+    """Advance one stream through every layer, a char at a time: feed the ids feed (n,), then
+    draw out.shape[0] ids, each from the state after the previous id (the last fed id for the
+    first), with the uniform u[k], feeding each drawn id but the last. A call with no ids to draw
+    just warms the state (a prime); a call that continues a sample feeds the last id drawn.
+
+    net  (WxT0 (V, G), Wh0 (G, H), Wcat (L-1, G, 2H), bias (L, G), peep (L, 3H) or (L, 0),
+          Wy (V, H), by (V,)), where Wcat[l-1] = [Wx | Wh] of layer l: its input vector
+          [h_t below | h_{t-1}] is the contiguous slice h[l-1:l+1] once layer l-1 is updated
+    h, c (L, H) in/out;  work (a (G,), z (G,), hn (H,), logits (V,) float64, p (V,) float64,
+          order (V,) int64);  inv_temp, top_k, greedy as in draw;  blocks as in lstm_forward_one
+    """
+    WxT0, Wh0, Wcat, bias, peep, Wy, by = net[0], net[1], net[2], net[3], net[4], net[5], net[6]
+    a, z, hn, logits, p, order = work[0], work[1], work[2], work[3], work[4], work[5]
+    L, H = h.shape
+    blocks = min(blocks, H)
+    flat = h.reshape(L * H)
+    n_feed, n_out = feed.shape[0], out.shape[0]
+    for n in range(n_feed + max(n_out - 1, 0)):
+        x = feed[n] if n < n_feed else out[n - n_feed]
+        row, b0 = WxT0[x], bias[0]
+        for j in range(a.shape[0]):
+            a[j] = row[j] + b0[j]  # one-hot input: a column of Wx
+        for b in prange(blocks):
+            cell_units(Wh0, h[0], a, peep[0], c[0], c[0], z, hn, hn, b * H // blocks, (b + 1) * H // blocks)
+        h[0, :] = hn
+        for l in range(1, L):
+            v = flat[(l - 1) * H:(l + 1) * H]
+            for b in prange(blocks):
+                cell_units(Wcat[l - 1], v, bias[l], peep[l], c[l], c[l], z, hn, hn, b * H // blocks, (b + 1) * H // blocks)
+            h[l, :] = hn
+        k = n - n_feed + 1  # the draw this step's state makes, if any
+        if 0 <= k < n_out:
+            output_logits(Wy, by, h[L - 1], logits)
+            out[k] = draw(logits, inv_temp, top_k, greedy, u[k], p, order)
+
+
+# ---------------------------------------------------------------- the output layer of one stream
 
 @kernel
-def lstm_backward_one(gates, c, tc, peep, WhT, dH, dA, dh, dc, blocks):
-    """kernels.lstm_backward for one stream (B = 1), same arguments but WhT (H, G) = Wh.T, which
-    the caller transposes once per window (transpose_split); blocks as in cell_step."""
-    T = gates.shape[0]
-    for t in range(T - 1, -1, -1):
-        dz_next = dA[t + 1, 0] if t < T - 1 else dA[0, 0, :0]
-        cell_grad_step(WhT, dz_next, gates[t, 0], c[t, 0], tc[t, 0], peep, dH[t, 0], dh[0], dc[0], dA[t, 0], blocks)
-    back_step(WhT, dA[0, 0], dh[0], blocks)
+def output_logits(Wy, by, top, logits):
+    """logits (V,) float64 = Wy (V, H) @ top (H,) + by, summed in the weights' dtype."""
+    V, H = Wy.shape
+    for v in range(V):
+        row = Wy[v]
+        s = by[v]
+        for k in range(H):
+            s += row[k] * top[k]
+        logits[v] = s
 
 
 @kernel
@@ -322,30 +303,6 @@ def draw(logits, inv_temp, top_k, greedy, u, p, order):
             if acc > target:
                 return order[i]
     return order[last]  # u * total rounded up to the full sum
-
-
-@kernel
-def sample_stream(net, x, h, c, u, inv_temp, top_k, greedy, work, out, blocks):
-    """Generate out.shape[0] char ids (n,) from one stream: feed x, draw the next id with the
-    uniform u[n], feed it, and so on. A following call continues with x = out[-1].
-
-    net (..., Wy (V, H), by (V,)); work (a, z, hn, logits (V,) float64, p (V,) float64,
-    order (V,) int64). Other arguments as in stream_step and draw.
-    """
-    Wy, by = net[5], net[6]
-    logits, p, order = work[3], work[4], work[5]
-    V, H = Wy.shape
-    top = h[h.shape[0] - 1]
-    for n in range(out.shape[0]):
-        stream_step(net, x, h, c, work, blocks)
-        for v in range(V):
-            row = Wy[v]
-            s = by[v]
-            for k in range(H):
-                s += row[k] * top[k]
-            logits[v] = s
-        x = draw(logits, inv_temp, top_k, greedy, u[n], p, order)
-        out[n] = x
 
 
 @kernel

@@ -26,6 +26,7 @@ from charlstm.model import init_params, param_count
 from charlstm.optim import adagrad_update, clip_gradients, sum_of_squares
 from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.sample import Stream, generate
+from charlstm.threads import Governor
 from charlstm.validate import validation_loss
 
 EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN/inf
@@ -105,6 +106,7 @@ class Trainer:
         if state.rng_state:
             self.rng.bit_generator.state = state.rng_state
         self.stop_requested = None
+        self.governor = Governor()  # threads per step, by measurement (threads.py)
 
     @property
     def windows_per_epoch(self):
@@ -120,7 +122,7 @@ class Trainer:
         x, y = self.batcher.window(k)
         if cfg.dropout > 0:  # this step's masks: a function of (seed, step), so resume needs nothing saved
             fill_masks(self.ws.masks, cfg.dropout, cfg.seed, s.step)
-        loss = train_step(s.params, self.grads, s.adagrad, self.ws, x, y, s.h, s.c, cfg)
+        loss = self.governor.run(lambda: train_step(s.params, self.grads, s.adagrad, self.ws, x, y, s.h, s.c, cfg))
         s.step += 1
         s.chars_seen += cfg.batch_size * cfg.seq_length
         s.log_sum += loss
@@ -308,7 +310,9 @@ def kernels_cached(ws):
     from charlstm.jit import is_cached
 
     if network.one_stream(ws):
-        return is_cached(stream_kernels.lstm_forward_one, stream_kernels.lstm_backward_one)
+        blocks = stream_kernels.blocks_for(ws.WhT.nbytes)
+        return is_cached(stream_kernels.lstm_forward_one.for_blocks(blocks),
+                         stream_kernels.lstm_backward_one.for_blocks(blocks))
     return is_cached(kernels.lstm_forward, kernels.lstm_backward)
 
 

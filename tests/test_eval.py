@@ -162,10 +162,10 @@ def test_a_second_run_compiles_nothing_new():
 
     for dtype in ("float32", "float64"):
         score(2, True, dtype, 0)
-    used = [stream_kernels.lstm_forward_stream, stream_kernels.nll_sum, kernels.gather_input, kernels.project_input]
+    used = [stream_kernels.lstm_forward_one.serial, stream_kernels.nll_sum, kernels.gather_input, kernels.project_input]
     counts = [len(k.signatures) for k in used]
     for dtype in ("float32", "float64"):
         score(1, False, dtype, 1)
         score(3, True, dtype, 2)
     assert counts == [len(k.signatures) for k in used]
-    assert counts[0] == 2  # lstm_forward_stream: one float32 and one float64 specialization
+    assert counts[0] == 2  # lstm_forward_one: one float32 and one float64 specialization

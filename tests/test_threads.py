@@ -1,0 +1,77 @@
+"""threads.Governor: it keeps the thread count that measures faster, and switching counts mid-run
+leaves the trained bytes unchanged (so a run that shared the machine for a while stays exact)."""
+import time
+
+import numba
+import pytest
+
+from charlstm import blas, threads, train
+
+from tests.conftest import TINY
+from tests.test_train import arrays
+
+needs_two = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
+
+
+def timed_work(seconds_at):
+    """Work that takes seconds_at[n] seconds when Numba runs on n threads."""
+    def work():
+        time.sleep(seconds_at[numba.get_num_threads()])
+        return numba.get_num_threads()
+    return work
+
+
+@needs_two
+@pytest.mark.parametrize("faster", [1, 2])
+def test_governor_keeps_the_faster_count(monkeypatch, faster):
+    monkeypatch.setattr(threads, "PROBE_EVERY", 0.0)  # probe as often as it can
+    governor = threads.Governor(most=2)
+    slower = 3 - faster
+    work = timed_work({faster: 0.002, slower: 0.006})
+    counts = [governor.run(work) for _ in range(60)]
+    assert governor.current == faster
+    assert counts[-8:].count(faster) >= 6  # after the first probes, the faster count runs almost always
+
+
+@needs_two
+def test_a_surge_triggers_a_probe_at_once(monkeypatch):
+    """Two threads fast, then another process arrives (2 threads now slow): it moves to one thread
+    within a few units, long before the periodic probe."""
+    monkeypatch.setattr(threads, "PROBE_EVERY", 3600.0)
+    governor = threads.Governor(most=2)
+    seconds_at = {1: 0.004, 2: 0.002}
+    for _ in range(20):
+        governor.run(timed_work(seconds_at))
+    assert governor.current == 2
+    seconds_at[2] = 0.012  # the surge
+    for _ in range(20):
+        governor.run(timed_work(seconds_at))
+    assert governor.current == 1
+
+
+@needs_two
+def test_governor_sets_numba_and_blas_threads():
+    threads.use(1)
+    assert numba.get_num_threads() == 1 and blas.threads() in (1, None)
+    threads.use(2)
+    assert numba.get_num_threads() == 2 and blas.threads() in (2, None)
+
+
+class Alternating(threads.Governor):
+    """A governor that switches thread counts every step, whatever it measures."""
+
+    def run(self, work):
+        self.units += 1
+        threads.use(1 + self.units % 2)
+        return work()
+
+
+@needs_two
+@pytest.mark.parametrize("shape", [["--batch-size", "4"], ["--batch-size", "1", "--hidden", "192", "--layers", "1"]])
+def test_switching_threads_every_step_trains_the_same_bytes(tmp_path, corpus, run_cli, monkeypatch, shape):
+    """B > 1 (BLAS splits the products) and B = 1 at H=192 (the unit sweeps split across threads)."""
+    args = [*TINY, "--steps", "6", "--eval-every", "3", *shape, "--threads", "2"]
+    assert run_cli("train", corpus, *args, "--out", tmp_path, "--run", "steady").exit_code == 0
+    monkeypatch.setattr(train, "Governor", Alternating)
+    assert run_cli("train", corpus, *args, "--out", tmp_path, "--run", "switching").exit_code == 0
+    assert arrays(tmp_path / "steady" / "latest.npz") == arrays(tmp_path / "switching" / "latest.npz")
