@@ -31,8 +31,11 @@ PARALLEL_BYTES = 1 << 19
 
 
 def blocks_for(nbytes):
-    """How many unit blocks (threads) a layer step reading nbytes of weights should use."""
-    return numba.get_num_threads() if nbytes >= PARALLEL_BYTES else 1
+    """How many unit blocks a layer step reading nbytes of weights is split into. Fixed by the
+    process's thread pool (--threads), not by how many threads run right now: the parallel and the
+    serial variant of a kernel can round differently (jit._run_from_cache), so a run whose thread
+    count threads.Governor changes must keep running the same variant to stay exact."""
+    return numba.config.NUMBA_NUM_THREADS if nbytes >= PARALLEL_BYTES else 1
 
 
 # ---------------------------------------------------------------- one step of a block of units

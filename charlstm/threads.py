@@ -12,9 +12,10 @@ So each thread must earn its place by measurement: `Governor` times the work at 
 and every PROBE_EVERY seconds (or at once when units in a row take twice their recent median, as
 when another process starts) times PROBE_UNITS units at the other count and keeps the faster.
 
-Results do not depend on the count (the one-stream kernels sum each unit in a fixed order; OpenBLAS
-splits a product by rows and columns, never along the summed dimension; tests/test_threads.py checks
-a run switching counts against a straight one byte for byte), so switching keeps runs exact.
+Results do not depend on the count (the one-stream kernels keep their unit blocks, set by the
+thread pool's size, whatever runs them; OpenBLAS splits a product by rows and columns, never along
+the summed dimension; tests/test_threads.py checks a run switching counts every step against a
+steady one byte for byte), so switching keeps runs exact.
 """
 import math
 import statistics
@@ -85,7 +86,9 @@ class Governor:
         """Keep the other count if its probe beat the current count's recent mean. Means, not
         medians: a thread that loses its core stalls a step now and then for a whole time slice
         (5 ms steps with a 220 ms one among them), and those stalls are the collapse."""
-        if statistics.mean(probe) < MARGIN * statistics.mean(self.recent):
+        recent = list(self.recent)
+        usual = max(statistics.mean(recent), statistics.mean(recent[-SURGE_UNITS:]))  # after a surge: the surge
+        if statistics.mean(probe) < MARGIN * usual:
             self.current = self.other
             self.recent = deque(probe, maxlen=self.recent.maxlen)
         self.probing = []
