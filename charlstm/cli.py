@@ -312,3 +312,26 @@ def evaluate(checkpoint, file, as_json, unknown, encoding, threads):
     score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,
                           warn=lambda m: click.echo(m, err=True))
     click.echo(report(score, file, as_json, skipping=unknown == "skip"))
+
+
+@cli.command(name="export")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out", type=click.Path())
+def export_weights(checkpoint, out):
+    """Write CHECKPOINT's weights to OUT (a .safetensors file) for PyTorch's nn.LSTM + nn.Linear.
+
+    Tensors are named as a module with children `lstm` and `out` names them (lstm.weight_ih_l0,
+    ..., out.weight, out.bias), gates in PyTorch's order; the metadata holds the vocabulary (id
+    order, as JSON), hidden, layers and dtype. The README shows the PyTorch code that loads it.
+    Needs the safetensors package (pip install 'charlstm[export]'). Peephole models cannot be
+    exported: nn.LSTM has no peepholes.
+
+    \b
+    Example:
+      charlstm export checkpoints/tinyshakespeare/best.npz shakespeare.safetensors
+    """
+    from charlstm.export import export
+
+    meta = export(checkpoint, out)
+    click.echo(f"wrote {out}: nn.LSTM({meta['vocab_size']}, {meta['hidden']}, {meta['layers']}) + "
+               f"nn.Linear({meta['hidden']}, {meta['vocab_size']}), {meta['dtype']}, step {meta['step']}")
