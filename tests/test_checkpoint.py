@@ -309,6 +309,13 @@ MANIFEST_EDITS = [  # (path into the manifest, new value, words the message must
     (("params", 0), "l0.Wx", "l0.Wx"),
     (("checksum",), "0" * 64, "checksum mismatch"), (("checksum",), DELETE, "checksum"),
     (("checksum",), 5, "checksum"),
+    (("optimizer",), DELETE, "optimizer section None"), (("optimizer", "name"), "adam", "optimizer section"),
+    (("optimizer", "state"), ["adam_m", "adam_v"], "optimizer section"),
+    (("train", "optim"), "adam", "does not match train optim 'adam'"), (("train", "optim"), "sgd", "optim 'sgd'"),
+    (("train", "optim"), 1, "optim"), (("train", "adam_beta1"), 1.0, "adam_beta1"),
+    (("train", "rmsprop_alpha"), -0.5, "rmsprop_alpha"), (("train", "lr_decay"), 2.0, "lr_decay"),
+    (("train", "lr_decay"), 0, "lr_decay"), (("train", "lr_decay_every"), 0, "lr_decay_every"),
+    (("train", "lr_decay_after"), 1.5, "lr_decay_after"),
 ]
 
 
@@ -317,6 +324,43 @@ def test_manifest_edit_is_refused(tmp_path, path, value, words):
     manifest, arrays = full_state()
     write_raw(tmp_path / "bad.npz", edited(manifest, path, value), **arrays)
     assert_refused(tmp_path / "bad.npz", words)
+
+
+def version_1(manifest, arrays):
+    """What format version 1 wrote for this Adagrad state: no optimizer section, no option that
+    came with version 2; the checksum over params, adagrad, h, c is the same."""
+    old = copy.deepcopy(manifest)
+    del old["optimizer"]
+    for key in ("optim", "rmsprop_alpha", "rmsprop_eps", "adam_beta1", "adam_beta2", "adam_eps",
+                "lr_decay", "lr_decay_after", "lr_decay_every"):
+        del old["train"][key]
+    old["version"] = 1
+    return old
+
+
+def test_a_version_1_file_loads_as_adagrad(tmp_path):
+    manifest, arrays = full_state()
+    write_raw(tmp_path / "v1.npz", version_1(manifest, arrays), **arrays)
+    ck = load_checkpoint(tmp_path / "v1.npz")
+    assert ck.train_config.optim == "adagrad" and ck.train_config.lr_decay == 1.0
+    assert list(ck.optim_state) == ["adagrad"]
+    np.testing.assert_array_equal(ck.optim_state["adagrad"], arrays["adagrad"])
+    # version 1 knew no other optimizer, nor any array but these
+    write_raw(tmp_path / "adam.npz", edited(version_1(manifest, arrays), ("train", "optim"), "adam"), **arrays)
+    assert_refused(tmp_path / "adam.npz", "version 1 predates")
+    write_raw(tmp_path / "extra.npz", version_1(manifest, arrays), adam_m=arrays["params"], **arrays)
+    assert_refused(tmp_path / "extra.npz", "expected exactly manifest, params, adagrad, h, c")
+
+
+def test_adam_checkpoint_must_hold_both_moments(tmp_path):
+    manifest, params, state, h, c = make_state(optim="adam")
+    save_checkpoint(tmp_path / "good.npz", manifest, params, state, h, c)
+    full = load_checkpoint(tmp_path / "good.npz").manifest
+    write_raw(tmp_path / "bad.npz", full, params=params, adam_m=state["adam_m"], h=h, c=c)
+    assert_refused(tmp_path / "bad.npz", "expected exactly manifest, params, adam_m, adam_v, h, c")
+    swapped = dict(full, checksum=raw_checksum(params, state["adam_v"], state["adam_m"], h, c))
+    write_raw(tmp_path / "order.npz", swapped, params=params, **state, h=h, c=c)
+    assert_refused(tmp_path / "order.npz", "checksum mismatch")  # the manifest's order is the checksum's
 
 
 def bad_arrays():
