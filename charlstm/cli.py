@@ -193,6 +193,31 @@ def info(checkpoint, as_json):
 
 
 @cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", default="curves.png", show_default=True, type=click.Path(),
+              help="Picture to write; the format follows the extension (.png, .svg, .pdf).")
+@click.option("--x", "x_axis", type=click.Choice(["step", "chars", "time"]), default="step", show_default=True,
+              help="Horizontal axis: optimizer steps, characters seen, or wall-clock seconds.")
+def plot(runs, output, x_axis):
+    """Plot the train and validation loss of one or more RUNS (run folders), overlaid.
+
+    Reads each run's metrics.jsonl (a run still training plots what it has logged), draws the loss
+    in nats with bits/char on the right axis, marks each run's best validation point, and prints
+    it. Needs matplotlib: pip install 'charlstm[plot]'.
+
+    \b
+    Examples:
+      charlstm plot checkpoints/tinyshakespeare
+      charlstm plot checkpoints/adagrad checkpoints/adam -o compare.png --x time
+    """
+    from charlstm.plot import plot as draw_runs
+
+    for line in draw_runs(runs, output, x_axis, warn=lambda m: click.echo(f"Warning: {m}", err=True)):
+        click.echo(line)
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
 @click.argument("corpus", required=False, type=click.Path())
 @click.option("--hidden", type=POSITIVE, help="Hidden units per layer.")
 @click.option("--batch-size", type=POSITIVE, help="Streams per step.")
