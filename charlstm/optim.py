@@ -20,7 +20,7 @@ root is 1e-16 inside it, 10^8 times less than the 1e-8 that damped Adagrad. It c
 where the gradient's running RMS is below ~1e-7. RMSprop's alpha defaults to char-rnn's 0.95
 (`-decay_rate`), the recipe RMSprop users bring; PyTorch's default is 0.99 (--rmsprop-alpha 0.99).
 Adam's form is PyTorch's; torch-rnn's (Torch7 optim.adam) adds eps to sqrt(v) before the bias
-correction, the same up to eps * (1 - sqrt(1-b2^t)).
+correction: the same as PyTorch's with eps / sqrt(1-b2^t) in place of eps (3e-7 at t = 1).
 
 Every update reads and writes float32 (or float64) arrays in place; scalars arrive as Python floats
 and are cast with `like`, so float32 math stays float32.
