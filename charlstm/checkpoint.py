@@ -122,7 +122,10 @@ def _remove_quietly(path):
 
 def save_checkpoint(path, manifest, params, optim_state, h, c):
     """Write one checkpoint atomically; the same state always gives the same bytes. `optim_state`
-    is the {name: array} of the optimizer manifest["train"]["optim"] (optim.new_state's)."""
+    is the {name: array} of the optimizer manifest["train"]["optim"] (optim.new_state's); one bare
+    array is Adagrad's mem, as callers written before version 2 pass it."""
+    if isinstance(optim_state, np.ndarray):
+        optim_state = {"adagrad": optim_state}
     arrays = {key: np.ascontiguousarray(a) for key, a in {"params": params, **optim_state, "h": h, "c": c}.items()}
     train = manifest.get("train")
     name = train.get("optim", BEFORE_OPTION["optim"]) if isinstance(train, dict) else None
