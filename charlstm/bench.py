@@ -33,13 +33,14 @@ def flops_per_step(hidden, batch_size, seq_length, layers, vocab_size):
 def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, warmup=3, dtype="float32"):
     """chars/s and GFLOP/s of full training steps on successive windows of `ids`, timed for at
     least `seconds` after `warmup` untimed steps."""
+    from charlstm.optim import new_state
     from charlstm.threads import Governor
     from charlstm.train import train_step
 
     model = ModelConfig(vocab, hidden=hidden, layers=layers, dtype=dtype)
     cfg = TrainConfig(batch_size=batch_size, seq_length=seq_length)
     params = init_params(model, np.random.default_rng(0))
-    grads, adagrad = np.zeros_like(params), np.zeros_like(params)
+    grads, optim_state = np.zeros_like(params), new_state(cfg.optim, params)
     ws = network.Workspace(model, batch_size, seq_length)
     h = np.zeros((layers, batch_size, hidden), dtype=dtype)
     c = np.zeros_like(h)
@@ -49,7 +50,7 @@ def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, war
         if step == warmup:
             start = time.perf_counter()
         x, y = batcher.window(step % batcher.windows_per_epoch)
-        governor.run(lambda: train_step(params, grads, adagrad, ws, x, y, h, c, cfg))
+        governor.run(lambda: train_step(params, grads, optim_state, ws, x, y, h, c, cfg, step + 1, cfg.lr))
         step += 1
         if start is not None:
             elapsed = time.perf_counter() - start

@@ -1,14 +1,20 @@
 """Checkpoints: save, load and verify the documented .npz format (SPEC §3), written atomically.
 
-A checkpoint is one uncompressed .npz (a zip of .npy files) with exactly five members:
+A checkpoint is one uncompressed .npz (a zip of .npy files) with exactly these members:
 
     manifest  uint8 (n,)     UTF-8 JSON object: format, version, model, train, params (the layout
-                             as [{name, shape, offset}]), checksum, and the trainer's run state
+                             as [{name, shape, offset}]), optimizer ({name, state}), checksum, and
+                             the trainer's run state
     params    float (P,)     every parameter, one flat buffer (model.layout gives the views)
-    adagrad   float (P,)     Adagrad's memory, same layout
+    <state>   float (P,)     each of the optimizer's state arrays, same layout, named in the
+                             manifest's optimizer.state: `adagrad` (Adagrad's mem), `rmsprop`
+                             (RMSprop's mean square), `adam_m` and `adam_v` (Adam's moments)
     h, c      float (L,B,H)  the carried training state
 
-`checksum` is the hex sha256 of the raw C-order bytes of params, adagrad, h, c in that order.
+`checksum` is the hex sha256 of the raw C-order bytes of params, each state array in the order of
+optimizer.state, h, c. Version 1 (before there was a choice of optimizer) had no `optimizer`
+section and always the one state array `adagrad`: its files load as Adagrad's, and an Adagrad
+checkpoint of version 2 holds the same arrays under the same checksum order.
 
 Loading trusts nothing in the file: members are read through zipfile (CRC-checked) and parsed
 from their .npy headers by hand, so object arrays are refused before their bytes are touched (no
@@ -28,15 +34,12 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from charlstm.config import CLIP_MODES, DTYPES, ModelConfig, TrainConfig
+from charlstm.config import BEFORE_OPTION, CLIP_MODES, DTYPES, OPTIMIZER_STATE, ModelConfig, TrainConfig
 from charlstm.errors import UserError
 from charlstm.model import layout, param_count
 
 FORMAT = "charlstm-checkpoint"
-VERSION = 1
-
-ARRAYS = ("params", "adagrad", "h", "c")  # order of the checksum and of the zip members
-KEYS = ("manifest",) + ARRAYS
+VERSION = 2  # 2: the optimizer is a choice, its state arrays named in the manifest
 DAMAGED = "use another checkpoint (e.g. an earlier step-*.npz)"
 # What zipfile, numpy's .npy header parser and json raise on bytes that are not what they expect.
 _READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, KeyError,
@@ -60,7 +63,7 @@ class _Invalid(Exception):
 class Checkpoint:
     manifest: dict
     params: np.ndarray   # (P,) model dtype
-    adagrad: np.ndarray  # (P,)
+    optim_state: dict    # the optimizer's {name: (P,) array}, in the manifest's optimizer.state order
     h: np.ndarray        # (L, B, H)
     c: np.ndarray        # (L, B, H)
 
@@ -117,11 +120,18 @@ def _remove_quietly(path):
         pass
 
 
-def save_checkpoint(path, manifest, params, adagrad, h, c):
-    """Write one checkpoint atomically; the same state always gives the same bytes."""
-    arrays = dict(zip(ARRAYS, (np.ascontiguousarray(a) for a in (params, adagrad, h, c))))
-    full = dict(manifest, format=FORMAT, version=VERSION, checksum=_checksum(arrays))
+def save_checkpoint(path, manifest, params, optim_state, h, c):
+    """Write one checkpoint atomically; the same state always gives the same bytes. `optim_state`
+    is the {name: array} of the optimizer manifest["train"]["optim"] (optim.new_state's); one bare
+    array is Adagrad's mem, as callers written before version 2 pass it."""
+    if isinstance(optim_state, np.ndarray):
+        optim_state = {"adagrad": optim_state}
+    arrays = {key: np.ascontiguousarray(a) for key, a in {"params": params, **optim_state, "h": h, "c": c}.items()}
+    train = manifest.get("train")
+    name = train.get("optim", BEFORE_OPTION["optim"]) if isinstance(train, dict) else None
+    full = dict(manifest, format=FORMAT, version=VERSION, optimizer={"name": name, "state": list(optim_state)})
     try:
+        full["checksum"] = _checksum(arrays, _array_keys(list(optim_state)))
         full["params"] = _layout_json(_check_model(full.get("model")))
         _verify(full, arrays)  # never write a file that load_checkpoint would refuse
     except _Invalid as e:
@@ -148,9 +158,14 @@ def _write_npz(f, members):
     np.savez(f, allow_pickle=False, **members)
 
 
-def _checksum(arrays):
+def _array_keys(state_names):
+    """The array members in checksum order: params, the optimizer's state arrays, h, c."""
+    return ("params", *state_names, "h", "c")
+
+
+def _checksum(arrays, keys):
     digest = hashlib.sha256()
-    for key in ARRAYS:
+    for key in keys:
         digest.update(np.ascontiguousarray(arrays[key]).data)
     return digest.hexdigest()
 
@@ -168,10 +183,11 @@ def load_checkpoint(path):
     try:
         members = _read_members(shown)
         manifest = _parse_manifest(members.pop("manifest"))
-        _verify(manifest, members)
+        state_names = _verify(manifest, members)
     except _Invalid as e:
         raise CheckpointError(f"{shown}: {e}") from None
-    return Checkpoint(manifest, **members)
+    return Checkpoint(manifest, members["params"], {key: members[key] for key in state_names},
+                      members["h"], members["c"])
 
 
 def _check_is_file(path):
@@ -185,8 +201,9 @@ def _check_is_file(path):
 
 
 def _read_members(path):
-    """{key: ndarray} for the five members, raising _Invalid for anything that is not a sound zip
-    of plain (non-object) .npy arrays under exactly our names."""
+    """{key: ndarray} for every member, raising _Invalid for anything that is not a sound zip of
+    plain (non-object) .npy arrays with a manifest. Which arrays must be there is the manifest's
+    to say (_check_members)."""
     try:
         with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             infos = _check_names(zf)
@@ -196,7 +213,8 @@ def _read_members(path):
                     # We only write stored members; refusing others also rules out zip bombs.
                     raise _Invalid(f"member {info.filename!r} is compressed or oversized, which "
                                    f"charlstm never writes; {DAMAGED}")
-            return {key: _parse_npy(key, zf.read(key + ".npy")) for key in KEYS}  # read checks CRC
+            keys = [info.filename.removesuffix(".npy") for info in infos]
+            return {key: _parse_npy(key, zf.read(key + ".npy")) for key in keys}  # read checks CRC
     except PermissionError as e:
         raise _Invalid(f"cannot read: {e.strerror}; check the file's permissions") from None
     except _READ_ERRORS as e:
@@ -207,13 +225,14 @@ def _read_members(path):
 def _check_names(zf):
     infos = zf.infolist()
     names = sorted(i.filename for i in infos)
-    if names == sorted(k + ".npy" for k in KEYS):
-        return infos
     held = ", ".join(n.removesuffix(".npy") for n in names) or "nothing"
     if "manifest.npy" not in names:  # some other program's .npz
         raise _Invalid(f"not a charlstm checkpoint (it holds {_short(held)}); pass a checkpoint "
                        "written by charlstm train")
-    raise _Invalid(f"holds arrays {_short(held)}, expected exactly {', '.join(KEYS)}; {DAMAGED}")
+    if len(set(names)) != len(names) or not all(n.endswith(".npy") for n in names):
+        raise _Invalid(f"holds members {_short(held)}, which charlstm never writes (each one "
+                       f"array, once); {DAMAGED}")
+    return infos
 
 
 def _parse_npy(key, data):
@@ -258,14 +277,19 @@ def _parse_manifest(array):
 # manifest yields _Invalid, never TypeError. Shared by save (as a self-check) and load.
 
 def _verify(manifest, arrays):
+    """Check a manifest and its arrays ({key: array}, manifest excluded) against each other;
+    return the optimizer's state array names."""
     _check_format(manifest)
     config = _check_model(manifest.get("model"))
     batch_size = _check_train(manifest.get("train"))
+    state_names = _check_optimizer(manifest)
     _check_layout(manifest.get("params"), config)
-    _check_arrays(arrays, config, batch_size)
-    if manifest.get("checksum") != _checksum(arrays):
+    _check_members(arrays, _array_keys(state_names))
+    _check_arrays(arrays, config, batch_size, state_names)
+    if manifest.get("checksum") != _checksum(arrays, _array_keys(state_names)):
         raise _Invalid(f"corrupt: checksum mismatch (the arrays differ from what was saved); "
                        f"{DAMAGED}")
+    return state_names
 
 
 def _check_format(manifest):
@@ -315,7 +339,49 @@ def _check_train(train):
     if "clip_mode" in train and train["clip_mode"] not in CLIP_MODES:
         raise _Invalid(f"train clip_mode {_show(train['clip_mode'])} is not one of "
                        f"{', '.join(CLIP_MODES)}; {DAMAGED}")
+    if "optim" in train and train["optim"] not in OPTIMIZER_STATE:
+        raise _Invalid(f"train optim {_show(train['optim'])} is not one of "
+                       f"{', '.join(OPTIMIZER_STATE)}; {DAMAGED}")
+    _check_recipe(train)
     return train["batch_size"]
+
+
+# Values outside these would break the optimizer's or the schedule's arithmetic (a division by
+# zero, a power that overflows); the CLI's ranges are the same.
+_RANGES = {"rmsprop_alpha": (0.0, 1.0), "adam_beta1": (0.0, 1.0), "adam_beta2": (0.0, 1.0)}  # [lo, hi)
+
+
+def _check_recipe(train):
+    for key, (lo, hi) in _RANGES.items():
+        if key in train and not lo <= train[key] < hi:
+            raise _Invalid(f"train {key} {_show(train[key])} is not in [{lo:g}, {hi:g}); {DAMAGED}")
+    if "lr_decay" in train and not 0 < train["lr_decay"] <= 1:
+        raise _Invalid(f"train lr_decay {_show(train['lr_decay'])} is not in (0, 1]; {DAMAGED}")
+    if train.get("lr_decay_every") is not None and train["lr_decay_every"] < 1:
+        raise _Invalid(f"train lr_decay_every {_show(train['lr_decay_every'])} is not a positive "
+                       f"integer; {DAMAGED}")
+
+
+def _check_optimizer(manifest):
+    """The optimizer's state array names: from the manifest's optimizer section, which must be
+    what train.optim implies; a version-1 file (no section) is Adagrad's."""
+    name = manifest["train"].get("optim", BEFORE_OPTION["optim"])  # a name _check_train accepted
+    expected = {"name": name, "state": list(OPTIMIZER_STATE[name])}
+    if manifest["version"] == 1:
+        if name != "adagrad":
+            raise _Invalid(f"format version 1 predates optimizers other than Adagrad, yet train "
+                           f"optim is {_show(name)}; {DAMAGED}")
+    elif manifest.get("optimizer") != expected:
+        raise _Invalid(f"optimizer section {_show(manifest.get('optimizer'))} does not match "
+                       f"train optim {_show(name)} (expected {expected}); {DAMAGED}")
+    return OPTIMIZER_STATE[name]
+
+
+def _check_members(arrays, keys):
+    if sorted(arrays) != sorted(keys):
+        held = ", ".join(["manifest", *sorted(arrays)])
+        raise _Invalid(f"holds arrays {_short(held)}, expected exactly "
+                       f"{', '.join(('manifest',) + keys)}; {DAMAGED}")
 
 
 def _check_layout(slots, config):
@@ -333,9 +399,10 @@ def _check_layout(slots, config):
                            f"{want['offset']}); {DAMAGED}")
 
 
-def _check_arrays(arrays, config, batch_size):
+def _check_arrays(arrays, config, batch_size, state_names):
     dtype = np.dtype(config.dtype)  # native byte order: a byte-swapped array is refused too
-    shapes = {"params": (param_count(config),), "adagrad": (param_count(config),),
+    P = param_count(config)
+    shapes = {"params": (P,), **{key: (P,) for key in state_names},
               "h": (config.layers, batch_size, config.hidden),
               "c": (config.layers, batch_size, config.hidden)}
     for key, shape in shapes.items():

@@ -8,7 +8,11 @@ import sys
 
 import click
 
+from charlstm.config import DEFAULT_LR, OPTIMIZERS
+
 POSITIVE = click.IntRange(min=1)
+UNIT = click.FloatRange(min=0, max=1, max_open=True)  # [0, 1): RMSprop's alpha, Adam's betas
+EPS = click.FloatRange(min=0, min_open=True)
 
 
 def set_threads(threads):
@@ -86,10 +90,26 @@ def cli():
 @click.option("--peepholes/--no-peepholes", default=False, show_default=True, help="Peephole connections (Gers 2000).")
 @click.option("--seq-length", type=POSITIVE, default=50, show_default=True, help="Steps of truncated BPTT per window.")
 @click.option("--batch-size", type=POSITIVE, default=50, show_default=True, help="Parallel streams per step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True,
-              help="Adagrad learning rate.")
+@click.option("--optim", type=click.Choice(OPTIMIZERS), default="adagrad", show_default=True,
+              help="Optimizer (formulas in the README).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate [default: 0.02 for adagrad, 0.002 for rmsprop and adam].")
 @click.option("--adagrad-eps", type=click.FloatRange(min=0), default=1e-20, show_default=True,
               help="Adagrad's eps: w -= lr * g / sqrt(mem + eps).")
+@click.option("--rmsprop-alpha", type=UNIT, default=0.95, show_default=True,
+              help="RMSprop's decay (char-rnn's -decay_rate; PyTorch's alpha is 0.99): ms = alpha*ms + (1-alpha)*g*g.")
+@click.option("--rmsprop-eps", type=EPS, default=1e-8, show_default=True,
+              help="RMSprop's eps: w -= lr * g / (sqrt(ms) + eps).")
+@click.option("--adam-beta1", type=UNIT, default=0.9, show_default=True, help="Adam's decay of the mean of g.")
+@click.option("--adam-beta2", type=UNIT, default=0.999, show_default=True, help="Adam's decay of the mean of g*g.")
+@click.option("--adam-eps", type=EPS, default=1e-8, show_default=True,
+              help="Adam's eps, outside the root (as PyTorch and torch-rnn).")
+@click.option("--lr-decay", type=click.FloatRange(min=0, max=1, min_open=True), metavar="FACTOR",
+              help="Multiply lr by FACTOR at the epoch ends that --lr-decay-after or --lr-decay-every name.")
+@click.option("--lr-decay-after", type=click.IntRange(min=0), metavar="EPOCHS",
+              help="char-rnn's schedule: decay at every epoch end from the end of epoch EPOCHS on.")
+@click.option("--lr-decay-every", type=POSITIVE, metavar="EPOCHS",
+              help="torch-rnn's schedule: decay at the end of every EPOCHS-th epoch.")
 @click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Gradient clip; 0 is off.")
 @click.option("--clip-mode", type=click.Choice(["value", "norm"]), default="value", show_default=True,
               help="Clip each entry (char-rnn) or the global L2 norm.")
@@ -127,13 +147,34 @@ def train(ctx, corpus, resume, init_from, out, run, quiet, encoding, **options):
     Examples:
       charlstm train                                    # Shakespeare, 5 minutes
       charlstm train my.txt --time-limit 600 --hidden 512
+      charlstm train --optim rmsprop --lr-decay 0.97 --lr-decay-after 10    # char-rnn's recipe
+      charlstm train --optim adam --lr-decay 0.5 --lr-decay-every 5         # torch-rnn's
       charlstm train --resume checkpoints/tinyshakespeare/latest.npz --steps 20000
     """
     set_threads(options["threads"])
+    given = {name for name in options if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    check_recipe(ctx, options, given, resume)
     from charlstm.train import train as run_training
 
-    given = {name for name in options if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
     sys.exit(run_training(corpus, options, given, out, run, resume, init_from, quiet, encoding))
+
+
+def check_recipe(ctx, options, given, resume):
+    """Refuse optimizer and schedule options that do not go together (one usage line each), then
+    fill in the ones that depend on others: --lr from --optim, no --lr-decay as factor 1."""
+    from charlstm.schedule import schedule_problem
+
+    problem = schedule_problem(options["lr_decay"], options["lr_decay_after"], options["lr_decay_every"])
+    if problem:
+        raise click.UsageError(problem, ctx)
+    # A resumed run's optimizer is the checkpoint's, whatever --optim says (train checks they agree).
+    strays = [name for name in sorted(given) if name.split("_")[0] in OPTIMIZERS and name.split("_")[0] != options["optim"]]
+    if strays and not resume:
+        flag = strays[0].replace("_", "-")
+        raise click.UsageError(f"--{flag} is an option of --optim {strays[0].split('_')[0]}, and this run uses "
+                               f"--optim {options['optim']}", ctx)
+    options["lr_decay"] = 1.0 if options["lr_decay"] is None else options["lr_decay"]
+    options["lr"] = DEFAULT_LR[options["optim"]] if options["lr"] is None else options["lr"]
 
 
 @cli.command()
@@ -149,6 +190,31 @@ def info(checkpoint, as_json):
     from charlstm.info import describe
 
     click.echo(describe(checkpoint, as_json))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", default="curves.png", show_default=True, type=click.Path(),
+              help="Picture to write; the format follows the extension (.png, .svg, .pdf).")
+@click.option("--x", "x_axis", type=click.Choice(["step", "chars", "time"]), default="step", show_default=True,
+              help="Horizontal axis: optimizer steps, characters seen, or wall-clock seconds.")
+def plot(runs, output, x_axis):
+    """Plot the train and validation loss of one or more RUNS (run folders), overlaid.
+
+    Reads each run's metrics.jsonl (a run still training plots what it has logged), draws the loss
+    in nats with bits/char on the right axis, marks each run's best validation point, and prints
+    it. Needs matplotlib: pip install 'charlstm[plot]'.
+
+    \b
+    Examples:
+      charlstm plot checkpoints/tinyshakespeare
+      charlstm plot checkpoints/adagrad checkpoints/adam -o compare.png --x time
+    """
+    from charlstm.plot import plot as draw_runs
+
+    for line in draw_runs(runs, output, x_axis, warn=lambda m: click.echo(f"Warning: {m}", err=True)):
+        click.echo(line)
+    click.echo(f"wrote {output}")
 
 
 @cli.command()
@@ -312,3 +378,26 @@ def evaluate(checkpoint, file, as_json, unknown, encoding, threads):
     score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,
                           warn=lambda m: click.echo(m, err=True))
     click.echo(report(score, file, as_json, skipping=unknown == "skip"))
+
+
+@cli.command(name="export")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out", type=click.Path())
+def export_weights(checkpoint, out):
+    """Write CHECKPOINT's weights to OUT (a .safetensors file) for PyTorch's nn.LSTM + nn.Linear.
+
+    Tensors are named as a module with children `lstm` and `out` names them (lstm.weight_ih_l0,
+    ..., out.weight, out.bias), gates in PyTorch's order; the metadata holds the vocabulary (id
+    order, as JSON), hidden, layers and dtype. The README shows the PyTorch code that loads it.
+    Needs the safetensors package (pip install 'charlstm[export]'). Peephole models cannot be
+    exported: nn.LSTM has no peepholes.
+
+    \b
+    Example:
+      charlstm export checkpoints/tinyshakespeare/best.npz shakespeare.safetensors
+    """
+    from charlstm.export import export
+
+    meta = export(checkpoint, out)
+    click.echo(f"wrote {out}: nn.LSTM({meta['vocab_size']}, {meta['hidden']}, {meta['layers']}) + "
+               f"nn.Linear({meta['hidden']}, {meta['vocab_size']}), {meta['dtype']}, step {meta['step']}")

@@ -8,6 +8,13 @@ from dataclasses import asdict, dataclass, fields
 DTYPES = ("float32", "float64")
 CLIP_MODES = ("value", "norm")
 
+# Each optimizer's state arrays, in checkpoint and checksum order; each has the layout of params.
+# Adagrad's keeps SPEC's key `adagrad`, so an Adagrad checkpoint holds what version 1 held.
+OPTIMIZER_STATE = {"adagrad": ("adagrad",), "rmsprop": ("rmsprop",), "adam": ("adam_m", "adam_v")}
+OPTIMIZERS = tuple(OPTIMIZER_STATE)
+# --lr when none is given: the project's measured Adagrad rate; char-rnn's and torch-rnn's 2e-3.
+DEFAULT_LR = {"adagrad": 0.02, "rmsprop": 2e-3, "adam": 2e-3}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,8 +40,17 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 50
     seq_length: int = 50
+    optim: str = "adagrad"
     lr: float = 0.02
     adagrad_eps: float = 1e-20
+    rmsprop_alpha: float = 0.95
+    rmsprop_eps: float = 1e-8
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_decay: float = 1.0  # multiply lr by this at the epoch ends that lr_decay_after/every name
+    lr_decay_after: int | None = None
+    lr_decay_every: int | None = None
     clip: float = 5.0
     clip_mode: str = "value"
     dropout: float = 0.15
@@ -51,6 +67,19 @@ class TrainConfig:
     def to_dict(self):
         return asdict(self)
 
+    def recipe(self):
+        """The optimizer, its options and the lr schedule, in words (for the summary and info)."""
+        options = {"adagrad": f"eps {self.adagrad_eps:g}",
+                   "rmsprop": f"alpha {self.rmsprop_alpha:g}, eps {self.rmsprop_eps:g}",
+                   "adam": f"betas {self.adam_beta1:g}, {self.adam_beta2:g}, eps {self.adam_eps:g}"}[self.optim]
+        name = {"adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam"}[self.optim]
+        text = f"{name} lr {self.lr:g} ({options})"
+        if self.lr_decay_after is not None:
+            text += f", lr x{self.lr_decay:g} at every epoch end from epoch {max(self.lr_decay_after, 1)}"
+        elif self.lr_decay_every is not None:
+            text += f", lr x{self.lr_decay:g} every {self.lr_decay_every} epochs"
+        return text
+
     @classmethod
     def from_dict(cls, d):
         """Options a manifest lacks take the value they had before the option existed."""
@@ -59,4 +88,4 @@ class TrainConfig:
 
 
 # Checkpoints written before an option existed trained with these values.
-BEFORE_OPTION = {"dropout": 0.0}
+BEFORE_OPTION = {"dropout": 0.0, "optim": "adagrad"}

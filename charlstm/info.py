@@ -11,6 +11,18 @@ def _loss(nats):
     return "-" if nats is None else f"{nats:.4f} nats ({nats / math.log(2):.4f} bits/char)"
 
 
+def _lr_now(lr):
+    """The lr in force (written since the schedule options exist; older files have none)."""
+    return f"; lr now {lr:g}" if isinstance(lr, (int, float)) and not isinstance(lr, bool) else ""
+
+
+def _size(arrays):
+    arrays = list(arrays)
+    total = sum(a.nbytes for a in arrays)
+    size = f"{total / 1e6:.1f} MB" if total >= 1e6 else f"{total / 1e3:.1f} kB"
+    return f"{len(arrays)} x {arrays[0].size:,} {arrays[0].dtype} values, {size}"
+
+
 def describe(path, as_json=False):
     ckpt = load_checkpoint(path)
     m, model, train = ckpt.manifest, ckpt.model_config, ckpt.train_config
@@ -24,9 +36,10 @@ def describe(path, as_json=False):
         f"checkpoint   {path} ({os.path.getsize(path) / 1e6:.1f} MB, format {m['format']} v{m['version']})",
         f"model        {model.layers}x{model.hidden} LSTM{' with peepholes' if model.peepholes else ''}, "
         f"vocab {model.vocab_size}, {param_count(model):,} parameters, {model.dtype}",
-        f"training     batch {train.batch_size} x seq {train.seq_length}, Adagrad lr {train.lr}, "
-        f"clip {train.clip} ({train.clip_mode}), dropout {train.dropout}, val-frac {train.val_frac}, "
-        f"seed {train.seed}",
+        f"training     batch {train.batch_size} x seq {train.seq_length}, clip {train.clip} ({train.clip_mode}), "
+        f"dropout {train.dropout}, val-frac {train.val_frac}, seed {train.seed}",
+        f"optimizer    {train.recipe()}{_lr_now(m.get('lr'))}",
+        f"             state {', '.join(ckpt.optim_state)}: {_size(ckpt.optim_state.values())}",
         f"progress     step {m.get('step', 0):,}, epoch {m.get('epoch', 0)} "
         f"(window {cursor.get('window', 0)} of {cursor.get('windows_per_epoch', '?')}), "
         f"{m.get('chars_seen', 0):,} chars seen",

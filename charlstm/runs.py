@@ -105,13 +105,17 @@ class RunFolder:
 
     def truncate_log(self, step):
         """Drop metrics lines past `step`: a resumed run rewrites what came after its checkpoint.
-        A line cut short by a crash is dropped too. Rewritten atomically, so a kill keeps the log."""
+        A line cut short by a crash is dropped too. Rewritten atomically, so a kill keeps the log.
+        Returns the wall-clock seconds ("time") of the last line kept, 0.0 if none, for the resumed
+        run's clock to continue from (it loses the time of the steps after that line)."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
-            return
+            return 0.0
         kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
         text = "".join(line + "\n" for line in kept)
         atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+        times = [json.loads(line).get("time") for line in kept]
+        return next((t for t in reversed(times) if isinstance(t, (int, float)) and not isinstance(t, bool)), 0.0)
 
 
 def _step_of(line):

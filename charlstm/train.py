@@ -1,8 +1,8 @@
-"""The training loop: windows -> kernels -> clip -> Adagrad, with validation, progress and checkpoints.
+"""The training loop: windows -> kernels -> clip -> optimizer, with validation, progress and checkpoints.
 
-Everything a step depends on (params, Adagrad's memory, the carried h and c, the step counter that
-fixes the data cursor, the RNG, the metric accumulators) is in every checkpoint, so a resumed run
-continues bit for bit where the straight run would have been.
+Everything a step depends on (params, the optimizer's state, the carried h and c, the step counter
+that fixes the data cursor and the lr schedule, the RNG, the metric accumulators) is in every
+checkpoint, so a resumed run continues bit for bit where the straight run would have been.
 """
 import math
 import signal
@@ -23,9 +23,10 @@ from charlstm.data import Batcher, file_sha256, load_corpus, split
 from charlstm.dropout import fill_masks
 from charlstm.errors import UserError
 from charlstm.model import init_params, param_count
-from charlstm.optim import adagrad_update, clip_gradients, sum_of_squares
+from charlstm.optim import clip_gradients, new_state, sum_of_squares, update
 from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.sample import Stream, generate
+from charlstm.schedule import lr_at
 from charlstm.threads import Governor
 from charlstm.validate import validation_loss
 
@@ -59,7 +60,7 @@ def single_threaded_kernels():
 class State:
     """What a run carries from step to step and stores in its checkpoints."""
     params: np.ndarray
-    adagrad: np.ndarray
+    optim_state: dict  # the optimizer's state arrays by name, each like params (optim.new_state)
     h: np.ndarray  # (L, B, H) carried across windows, zeroed at each epoch start
     c: np.ndarray
     step: int = 0
@@ -70,12 +71,13 @@ class State:
     log_sum: float = 0.0  # train losses since the last metrics line, and how many
     log_count: int = 0
     rng_state: dict | None = None
+    elapsed: float = 0.0  # wall-clock seconds of the run before this process (from metrics.jsonl)
 
 
-def train_step(params, grads, adagrad, ws, x, y, h, c, cfg):
-    """Forward, backward, clip and Adagrad on one window x, y (T, B) from state h, c (L, B, H),
-    which then holds the window's final state. Returns the loss; raises NonFiniteLoss, before
-    touching params, if the loss or gradients are NaN or infinite."""
+def train_step(params, grads, optim_state, ws, x, y, h, c, cfg, t, lr):
+    """Forward, backward, clip and an optimizer step (the t-th, 1-based, at rate lr) on one window
+    x, y (T, B) from state h, c (L, B, H), which then holds the window's final state. Returns the
+    loss; raises NonFiniteLoss, before touching params, if the loss or gradients are NaN or infinite."""
     # One stream: Numba's threads run the per-step sweeps (stream_kernels), and BLAS threads left
     # spinning between its few batched products would fight them for the 2 cores.
     with blas.limited_to(1) if network.one_stream(ws) else nullcontext():
@@ -86,7 +88,7 @@ def train_step(params, grads, adagrad, ws, x, y, h, c, cfg):
     if not (math.isfinite(loss) and math.isfinite(sumsq)):
         raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'}")
     clip_gradients(grads, cfg.clip, cfg.clip_mode, sumsq)
-    adagrad_update(params, grads, adagrad, cfg.lr, cfg.adagrad_eps)
+    update(params, grads, optim_state, t, lr, cfg)
     h[:] = ws.h[:, -1]
     c[:] = ws.c[:, -1]
     return loss
@@ -107,10 +109,16 @@ class Trainer:
             self.rng.bit_generator.state = state.rng_state
         self.stop_requested = None
         self.governor = Governor()  # threads per step, by measurement (threads.py)
+        self.started = time.monotonic() - state.elapsed  # the run's clock, continued across resumes
 
     @property
     def windows_per_epoch(self):
         return self.batcher.windows_per_epoch
+
+    @property
+    def lr(self):
+        """The lr in force: the one the next step uses."""
+        return lr_at(self.cfg, self.state.step // self.windows_per_epoch)
 
     def step(self):
         """One optimizer step on window k = step mod windows_per_epoch (SPEC §2). Returns the loss."""
@@ -122,7 +130,8 @@ class Trainer:
         x, y = self.batcher.window(k)
         if cfg.dropout > 0:  # this step's masks: a function of (seed, step), so resume needs nothing saved
             fill_masks(self.ws.masks, cfg.dropout, cfg.seed, s.step)
-        loss = self.governor.run(lambda: train_step(s.params, self.grads, s.adagrad, self.ws, x, y, s.h, s.c, cfg))
+        loss = self.governor.run(lambda: train_step(s.params, self.grads, s.optim_state, self.ws, x, y, s.h, s.c,
+                                                    cfg, s.step + 1, self.lr))
         s.step += 1
         s.chars_seen += cfg.batch_size * cfg.seq_length
         s.log_sum += loss
@@ -143,13 +152,14 @@ class Trainer:
                        "sha256": self.corpus.sha256},
             "rng": self.rng.bit_generator.state,
             "best_val_loss": None if math.isinf(s.best_val_loss) else s.best_val_loss,
+            "lr": self.lr,
             "metrics": {"train_loss_smoothed": s.smoothed_loss, "val_loss": s.last_val_loss,
                         "log_sum": s.log_sum, "log_count": s.log_count},
         }
 
     def save(self, best=False):
         s = self.state
-        return self.folder.save(s.step, self.manifest(), (s.params, s.adagrad, s.h, s.c), self.cfg.keep, best)
+        return self.folder.save(s.step, self.manifest(), (s.params, s.optim_state, s.h, s.c), self.cfg.keep, best)
 
     def evaluate(self):
         """Validation loss on its own state; True when it is the best so far."""
@@ -160,7 +170,7 @@ class Trainer:
         if loss is None:
             return False
         s.last_val_loss = loss
-        self.folder.log({"step": s.step, "val_loss": loss, "val_bpc": loss / math.log(2), "val_chars": chars})
+        self.log({"val_loss": loss, "val_bpc": loss / math.log(2), "val_chars": chars})
         self.say(f"step {s.step}: val loss {loss:.4f} nats ({loss / math.log(2):.4f} bits/char) on {chars:,} chars")
         self.say(self.preview())
         if loss < s.best_val_loss:
@@ -181,9 +191,15 @@ class Trainer:
         if s.log_count == 0:
             return
         mean = s.log_sum / s.log_count
-        self.folder.log({"step": s.step, "epoch": s.step / self.windows_per_epoch, "train_loss": mean,
-                         "train_bpc": mean / math.log(2), "chars_seen": s.chars_seen})
+        self.log({"epoch": s.step / self.windows_per_epoch, "train_loss": mean, "train_bpc": mean / math.log(2)})
         s.log_sum, s.log_count = 0.0, 0
+
+    def log(self, record):
+        """One metrics.jsonl line: record, stamped with the step, chars seen, lr in force and the
+        run's wall-clock seconds (`charlstm plot` draws against any of the three)."""
+        s = self.state
+        self.folder.log({**record, "step": s.step, "chars_seen": s.chars_seen, "lr": self.lr,
+                         "time": round(time.monotonic() - self.started, 3)})
 
     def run(self, total_steps, deadline, bar):
         """Train until total_steps, the deadline or a stop request. Returns the reason it stopped
@@ -268,10 +284,10 @@ def resume_run(path, corpus_path, options, given, encoding, quiet):
     corpus = read_corpus(corpus_path, folder.path.parent / ".corpus-cache", quiet, vocab=model_cfg.vocab, encoding=encoding)
     m = ckpt.manifest
     metrics = m.get("metrics", {})
-    state = State(ckpt.params.copy(), ckpt.adagrad.copy(), ckpt.h.copy(), ckpt.c.copy(), m["step"], m["chars_seen"],
+    state = State(ckpt.params.copy(), ckpt.optim_state, ckpt.h.copy(), ckpt.c.copy(), m["step"], m["chars_seen"],
                   m["best_val_loss"] if m.get("best_val_loss") is not None else math.inf, metrics.get("val_loss"),
                   metrics.get("train_loss_smoothed"), metrics.get("log_sum", 0.0), metrics.get("log_count", 0), m["rng"])
-    folder.truncate_log(state.step)
+    state.elapsed = folder.truncate_log(state.step)
     return model_cfg, cfg, corpus, folder, state
 
 
@@ -298,7 +314,7 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, qui
     rng = np.random.default_rng(cfg.seed)
     params = ckpt.params.copy() if init_from else init_params(model_cfg, rng)
     shape = (model_cfg.layers, cfg.batch_size, model_cfg.hidden)
-    state = State(params, np.zeros_like(params), np.zeros(shape, model_cfg.dtype), np.zeros(shape, model_cfg.dtype),
+    state = State(params, new_state(cfg.optim, params), np.zeros(shape, model_cfg.dtype), np.zeros(shape, model_cfg.dtype),
                   rng_state=rng.bit_generator.state)
     return model_cfg, corpus, folder, state
 
@@ -324,7 +340,7 @@ def summary(trainer, total_steps, deadline_s):
     yield (f"model {m.layers}x{m.hidden} LSTM{' with peepholes' if m.peepholes else ''}, "
            f"{param_count(m):,} parameters, {m.dtype}")
     yield (f"{cfg.batch_size} streams x {cfg.seq_length} steps = {cfg.batch_size * cfg.seq_length:,} chars per step, "
-           f"{trainer.windows_per_epoch:,} steps per epoch ({n_train:,} chars); Adagrad lr {cfg.lr}, "
+           f"{trainer.windows_per_epoch:,} steps per epoch ({n_train:,} chars); {cfg.recipe()}, "
            f"clip {cfg.clip} ({cfg.clip_mode})" + (f", dropout {cfg.dropout}" if cfg.dropout > 0 else ""))
     stops = []
     if total_steps is not None:

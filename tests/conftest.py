@@ -19,7 +19,7 @@ First Citizen:
 First, you know Caius Marcius is chief enemy to the people.
 """
 
-# A tiny model and corpus: an epoch is 29 windows, so 40 steps cross an epoch boundary.
+# A tiny model and corpus: an epoch is 22 windows, so 40 steps cross an epoch boundary.
 TINY = ["--hidden", "12", "--layers", "2", "--batch-size", "4", "--seq-length", "8", "--eval-every", "5",
         "--save-every", "10", "--threads", "1"]
 

@@ -176,9 +176,9 @@ def test_bad_corpus_is_one_line(tmp_path, run_cli, name, content, words):
 
 def bad_checkpoints(folder):
     """{case: path} of files that are not usable checkpoints, plus the words their error holds."""
-    manifest, params, adagrad, h, c = make_state()
+    manifest, params, state, h, c = make_state()
     good = folder / "good.npz"
-    save_checkpoint(good, manifest, params, adagrad, h, c)
+    save_checkpoint(good, manifest, params, state, h, c)
     cases = {"missing": (folder / "missing.npz", ["no such checkpoint file"]),
              "empty": (folder / "empty.npz", ["empty file"]),
              "truncated": (folder / "truncated.npz", ["truncated or damaged"]),

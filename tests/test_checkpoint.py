@@ -14,26 +14,27 @@ import pytest
 from charlstm import checkpoint
 from charlstm.checkpoint import (FORMAT, VERSION, CheckpointError, atomic_write, load_checkpoint,
                                  save_checkpoint)
-from charlstm.config import ModelConfig, TrainConfig
+from charlstm.config import OPTIMIZER_STATE, ModelConfig, TrainConfig
 from charlstm.model import layout, param_count
 
 B = 3  # batch_size of the tiny run
 
 
-def make_state(dtype="float32", seed=0):
-    """(manifest, params, adagrad, h, c) of a tiny real run, as the trainer would hand them over."""
+def make_state(dtype="float32", seed=0, optim="adagrad"):
+    """(manifest, params, optim_state, h, c) of a tiny real run, as the trainer would hand them
+    over; optim_state is the optimizer's {name: array}."""
     model = ModelConfig(vocab="abcdef", hidden=4, layers=2, peepholes=True, dtype=dtype)
-    train = TrainConfig(batch_size=B, seq_length=5)
+    train = TrainConfig(batch_size=B, seq_length=5, optim=optim)
     rng = np.random.default_rng(seed)
     P = param_count(model)
     params = rng.standard_normal(P).astype(dtype)
-    adagrad = rng.random(P).astype(dtype)
+    state = {name: rng.random(P).astype(dtype) for name in OPTIMIZER_STATE[optim]}
     h, c = (rng.standard_normal((model.layers, B, model.hidden)).astype(dtype) for _ in range(2))
     manifest = {"model": model.to_dict(), "train": train.to_dict(), "step": 7, "epoch": 0,
                 "chars_seen": 105, "cursor": {"window": 7},
                 "corpus": {"path": "corpus.txt", "size": 1234, "sha256": "ab" * 32},
                 "rng": {"state": 12345}, "best_val_loss": 1.5, "metrics": [{"step": 7, "loss": 1.7}]}
-    return manifest, params, adagrad, h, c
+    return manifest, params, state, h, c
 
 
 def write_raw(path, manifest, **arrays):
@@ -50,13 +51,15 @@ def raw_checksum(*arrays):
 
 
 def full_state(dtype="float32"):
-    """A complete, valid manifest (with format, version, layout, checksum) and its arrays."""
-    manifest, *arrays = make_state(dtype)
+    """A complete, valid Adagrad manifest (with format, version, optimizer, layout, checksum) and
+    its arrays, built by hand from SPEC §3."""
+    manifest, params, state, h, c = make_state(dtype)
     config = ModelConfig.from_dict(manifest["model"])
-    manifest.update(format=FORMAT, version=VERSION, checksum=raw_checksum(*arrays),
+    manifest.update(format=FORMAT, version=VERSION, checksum=raw_checksum(params, state["adagrad"], h, c),
+                    optimizer={"name": "adagrad", "state": ["adagrad"]},
                     params=[{"name": s.name, "shape": list(s.shape), "offset": s.offset}
                             for s in layout(config)])
-    return manifest, dict(zip(("params", "adagrad", "h", "c"), arrays))
+    return manifest, {"params": params, "adagrad": state["adagrad"], "h": h, "c": c}
 
 
 def assert_refused(path, *words):
@@ -71,20 +74,23 @@ def assert_refused(path, *words):
 
 # ------------------------------------------------------------------------------------- round trip
 
+@pytest.mark.parametrize("optim", list(OPTIMIZER_STATE))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_round_trip_keeps_everything(tmp_path, dtype):
-    manifest, params, adagrad, h, c = make_state(dtype)
+def test_round_trip_keeps_everything(tmp_path, dtype, optim):
+    manifest, params, state, h, c = make_state(dtype, optim=optim)
     path = tmp_path / "latest.npz"
-    save_checkpoint(path, manifest, params, adagrad, h, c)
+    save_checkpoint(path, manifest, params, state, h, c)
     ck = load_checkpoint(path)
-    for got, want in zip((ck.params, ck.adagrad, ck.h, ck.c), (params, adagrad, h, c)):
+    assert list(ck.optim_state) == list(OPTIMIZER_STATE[optim])
+    for got, want in zip((ck.params, *ck.optim_state.values(), ck.h, ck.c), (params, *state.values(), h, c)):
         assert got.dtype == np.dtype(dtype) and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
         assert got.flags.writeable and got.flags.c_contiguous  # the trainer updates them in place
     for key, value in manifest.items():
         assert ck.manifest[key] == value
     assert ck.manifest["format"] == FORMAT and ck.manifest["version"] == VERSION
-    assert ck.manifest["checksum"] == raw_checksum(params, adagrad, h, c)
+    assert ck.manifest["checksum"] == raw_checksum(params, *state.values(), h, c)
+    assert ck.manifest["optimizer"] == {"name": optim, "state": list(OPTIMIZER_STATE[optim])}
     assert ck.model_config == ModelConfig.from_dict(manifest["model"])
     assert ck.train_config == TrainConfig.from_dict(manifest["train"])
     assert ck.manifest["params"][0] == {"name": "l0.Wx", "shape": [16, 6], "offset": 0}
@@ -119,11 +125,13 @@ def test_save_does_not_change_the_callers_manifest_and_takes_numpy_scalars(tmp_p
 
 
 def test_save_refuses_arrays_that_do_not_fit_the_model(tmp_path):
-    manifest, params, adagrad, h, c = make_state()
+    manifest, params, state, h, c = make_state()
     with pytest.raises(ValueError):
-        save_checkpoint(tmp_path / "a.npz", manifest, params[:-1], adagrad, h, c)
+        save_checkpoint(tmp_path / "a.npz", manifest, params[:-1], state, h, c)
     with pytest.raises(ValueError):
-        save_checkpoint(tmp_path / "a.npz", manifest, params.astype("float64"), adagrad, h, c)
+        save_checkpoint(tmp_path / "a.npz", manifest, params.astype("float64"), state, h, c)
+    with pytest.raises(ValueError):  # Adam's state under an Adagrad manifest
+        save_checkpoint(tmp_path / "a.npz", manifest, params, {"adam_m": params, "adam_v": params}, h, c)
     assert not os.listdir(tmp_path)
 
 
@@ -301,6 +309,13 @@ MANIFEST_EDITS = [  # (path into the manifest, new value, words the message must
     (("params", 0), "l0.Wx", "l0.Wx"),
     (("checksum",), "0" * 64, "checksum mismatch"), (("checksum",), DELETE, "checksum"),
     (("checksum",), 5, "checksum"),
+    (("optimizer",), DELETE, "optimizer section None"), (("optimizer", "name"), "adam", "optimizer section"),
+    (("optimizer", "state"), ["adam_m", "adam_v"], "optimizer section"),
+    (("train", "optim"), "adam", "does not match train optim 'adam'"), (("train", "optim"), "sgd", "optim 'sgd'"),
+    (("train", "optim"), 1, "optim"), (("train", "adam_beta1"), 1.0, "adam_beta1"),
+    (("train", "rmsprop_alpha"), -0.5, "rmsprop_alpha"), (("train", "lr_decay"), 2.0, "lr_decay"),
+    (("train", "lr_decay"), 0, "lr_decay"), (("train", "lr_decay_every"), 0, "lr_decay_every"),
+    (("train", "lr_decay_after"), 1.5, "lr_decay_after"),
 ]
 
 
@@ -309,6 +324,43 @@ def test_manifest_edit_is_refused(tmp_path, path, value, words):
     manifest, arrays = full_state()
     write_raw(tmp_path / "bad.npz", edited(manifest, path, value), **arrays)
     assert_refused(tmp_path / "bad.npz", words)
+
+
+def version_1(manifest, arrays):
+    """What format version 1 wrote for this Adagrad state: no optimizer section, no option that
+    came with version 2; the checksum over params, adagrad, h, c is the same."""
+    old = copy.deepcopy(manifest)
+    del old["optimizer"]
+    for key in ("optim", "rmsprop_alpha", "rmsprop_eps", "adam_beta1", "adam_beta2", "adam_eps",
+                "lr_decay", "lr_decay_after", "lr_decay_every"):
+        del old["train"][key]
+    old["version"] = 1
+    return old
+
+
+def test_a_version_1_file_loads_as_adagrad(tmp_path):
+    manifest, arrays = full_state()
+    write_raw(tmp_path / "v1.npz", version_1(manifest, arrays), **arrays)
+    ck = load_checkpoint(tmp_path / "v1.npz")
+    assert ck.train_config.optim == "adagrad" and ck.train_config.lr_decay == 1.0
+    assert list(ck.optim_state) == ["adagrad"]
+    np.testing.assert_array_equal(ck.optim_state["adagrad"], arrays["adagrad"])
+    # version 1 knew no other optimizer, nor any array but these
+    write_raw(tmp_path / "adam.npz", edited(version_1(manifest, arrays), ("train", "optim"), "adam"), **arrays)
+    assert_refused(tmp_path / "adam.npz", "version 1 predates")
+    write_raw(tmp_path / "extra.npz", version_1(manifest, arrays), adam_m=arrays["params"], **arrays)
+    assert_refused(tmp_path / "extra.npz", "expected exactly manifest, params, adagrad, h, c")
+
+
+def test_adam_checkpoint_must_hold_both_moments(tmp_path):
+    manifest, params, state, h, c = make_state(optim="adam")
+    save_checkpoint(tmp_path / "good.npz", manifest, params, state, h, c)
+    full = load_checkpoint(tmp_path / "good.npz").manifest
+    write_raw(tmp_path / "bad.npz", full, params=params, adam_m=state["adam_m"], h=h, c=c)
+    assert_refused(tmp_path / "bad.npz", "expected exactly manifest, params, adam_m, adam_v, h, c")
+    swapped = dict(full, checksum=raw_checksum(params, state["adam_v"], state["adam_m"], h, c))
+    write_raw(tmp_path / "order.npz", swapped, params=params, **state, h=h, c=c)
+    assert_refused(tmp_path / "order.npz", "checksum mismatch")  # the manifest's order is the checksum's
 
 
 def bad_arrays():
@@ -391,7 +443,8 @@ def mutate_manifest(rng, manifest, arrays):
     for _ in range(rng.randrange(1, 3)):
         section = rng.choice(["model", "train", "params", None])
         if section == "params":
-            target = rng.choice(manifest["params"]) if manifest["params"] else manifest
+            slots = manifest.get("params")  # an earlier edit may have deleted or replaced it
+            target = rng.choice(slots) if isinstance(slots, list) and slots else manifest
         else:
             target = manifest[section] if section in manifest and isinstance(
                 manifest.get(section), dict) else manifest
@@ -418,8 +471,9 @@ def loads_or_refuses(path, original):
         return False
     # Only a harmless change (zip header padding, JSON whitespace) may still load: same payload.
     assert ck.manifest == original.manifest
-    for key in ("params", "adagrad", "h", "c"):
-        np.testing.assert_array_equal(getattr(ck, key), getattr(original, key))
+    for got, want in zip((ck.params, *ck.optim_state.values(), ck.h, ck.c),
+                         (original.params, *original.optim_state.values(), original.h, original.c)):
+        np.testing.assert_array_equal(got, want)
     return True
 
 

@@ -1,10 +1,12 @@
-"""Adagrad and both clip modes against values computed by hand."""
+"""The optimizers against steps computed by hand and against PyTorch's formulas written out in
+NumPy, and both clip modes against values computed by hand."""
 import math
 
 import numpy as np
 import pytest
 
-from charlstm.optim import adagrad_update, clip_gradients, sum_of_squares
+from charlstm.config import OPTIMIZER_STATE, TrainConfig
+from charlstm.optim import adagrad_update, clip_gradients, new_state, rmsprop_update, sum_of_squares, update
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -45,3 +47,98 @@ def test_sum_of_squares_flags_non_finite():
     assert sum_of_squares(np.array([3.0, 4.0], np.float32)) == 25.0
     assert not math.isfinite(sum_of_squares(np.array([1.0, np.nan], np.float32)))
     assert not math.isfinite(sum_of_squares(np.array([np.inf, 1.0], np.float32)))
+
+
+# ------------------------------------------------------------------ RMSprop and Adam, and update()
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rmsprop_matches_hand_computation(dtype):
+    w = np.array([1.0, -2.0, 0.5], dtype)
+    g = np.array([0.5, -1.0, 0.0], dtype)
+    ms = np.array([0.0, 1.0, 4.0], dtype)
+    rmsprop_update(w, g, ms, 0.1, 0.75, 1e-8)
+    # ms = 0.75*ms + 0.25*g*g = [0.0625, 1.0, 3.0]; w -= 0.1 * g / sqrt(ms) = [-0.2, +0.1, 0]
+    assert np.allclose(ms, [0.0625, 1.0, 3.0], rtol=1e-7)
+    assert np.allclose(w, [0.8, -1.9, 0.5], rtol=1e-6)
+    assert w.dtype == dtype and ms.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adam_moves_by_lr_against_a_constant_gradient(dtype):
+    """By hand: with a constant g, the bias-corrected moments are m_hat = g and v_hat = g*g at
+    every step t, so each step moves w by lr * sign(g) (less eps): t = 1 and t = 2 check that
+    1 - b1^t and 1 - b2^t use the step count."""
+    cfg = TrainConfig(optim="adam", adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
+    w = np.array([1.0, -2.0, 0.5], dtype)
+    g = np.array([0.5, -1.0, 0.0], dtype)
+    state = new_state("adam", w)
+    update(w, g, state, 1, 0.1, cfg)
+    assert np.allclose(state["adam_m"], [0.05, -0.1, 0.0]) and np.allclose(state["adam_v"], [0.00025, 0.001, 0.0])
+    assert np.allclose(w, [0.9, -1.9, 0.5], rtol=1e-6)
+    update(w, g, state, 2, 0.1, cfg)
+    # m = 0.9*0.05 + 0.1*0.5 = 0.095 = 0.5 * (1 - 0.9^2); v = 0.25 * (1 - 0.999^2)
+    assert np.allclose(state["adam_m"], [0.095, -0.19, 0.0], rtol=1e-6)
+    assert np.allclose(w, [0.8, -1.8, 0.5], rtol=1e-5)
+    assert all(a.dtype == dtype for a in (w, *state.values()))
+
+
+# PyTorch's update rules, written out from torch/optim/{adagrad,rmsprop,adam}.py (the single-tensor
+# paths, defaults otherwise: no weight decay, momentum, centering, amsgrad or lr decay), in NumPy.
+
+def torch_adagrad(w, g, state_sum, lr, eps=1e-10):
+    state_sum += g * g
+    w -= lr * g / (np.sqrt(state_sum) + eps)
+
+
+def torch_rmsprop(w, g, square_avg, lr, alpha, eps):
+    square_avg *= alpha
+    square_avg += (1 - alpha) * g * g
+    w -= lr * g / (np.sqrt(square_avg) + eps)
+
+
+def torch_adam(w, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
+    exp_avg += (g - exp_avg) * (1 - beta1)  # lerp
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    step_size = lr / (1 - beta1 ** step)
+    denom = np.sqrt(exp_avg_sq) / (1 - beta2 ** step) ** 0.5 + eps
+    w -= step_size * exp_avg / denom
+
+
+CONFIGS = {
+    # PyTorch adds its eps (1e-10) outside the root, ours (1e-20) goes inside: only with both at 0
+    # are the two the same formula to the last bit.
+    "adagrad": TrainConfig(optim="adagrad", adagrad_eps=0.0),
+    "rmsprop": TrainConfig(optim="rmsprop", rmsprop_alpha=0.9, rmsprop_eps=1e-8),
+    "adam": TrainConfig(optim="adam", adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-8),
+}
+
+
+def torch_step(cfg, w, g, state, t, lr):
+    if cfg.optim == "adagrad":
+        torch_adagrad(w, g, state["adagrad"], lr, eps=0.0)  # eps 0 both sides: see CONFIGS
+    elif cfg.optim == "rmsprop":
+        torch_rmsprop(w, g, state["rmsprop"], lr, cfg.rmsprop_alpha, cfg.rmsprop_eps)
+    else:
+        torch_adam(w, g, state["adam_m"], state["adam_v"], t, lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-9), ("float32", 2e-5)])
+@pytest.mark.parametrize("optim", list(CONFIGS))
+def test_update_matches_pytorchs_formulas(optim, dtype, rtol):
+    """Eight steps of update() against PyTorch's rules in float64, gradients at the scale of our
+    mean loss's (1e-5 to 1e-1), a changing lr as a schedule gives."""
+    cfg, rng = CONFIGS[optim], np.random.default_rng(7)
+    w0 = rng.standard_normal(257)
+    w, ref = w0.astype(dtype), w0.copy()
+    state, ref_state = new_state(optim, w), new_state(optim, ref)
+    assert list(state) == list(OPTIMIZER_STATE[optim]) and all(a.dtype == dtype for a in state.values())
+    for t in range(1, 9):
+        g = rng.standard_normal(257) * 10.0 ** rng.uniform(-5, -1, 257)
+        lr = 0.01 * 0.5 ** (t // 3)
+        update(w, g.astype(dtype), state, t, lr, cfg)
+        torch_step(cfg, ref, g, ref_state, t, lr)
+    np.testing.assert_allclose(w, ref, rtol=rtol, atol=0)
+    for key in state:
+        np.testing.assert_allclose(state[key], ref_state[key], rtol=rtol * 10, atol=0)
+    assert not np.allclose(w, w0, rtol=1e-3)  # it moved

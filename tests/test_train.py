@@ -20,7 +20,8 @@ from tests.conftest import TINY
 
 def arrays(path):
     ckpt = load_checkpoint(path)
-    return {name: getattr(ckpt, name).tobytes() for name in ("params", "adagrad", "h", "c")}
+    return {name: a.tobytes() for name, a in {"params": ckpt.params, **ckpt.optim_state, "h": ckpt.h,
+                                                "c": ckpt.c}.items()}
 
 
 def losses(run_dir):

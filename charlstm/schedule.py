@@ -1,0 +1,40 @@
+"""The learning-rate schedule: the lr in force as a pure function of the completed epochs, so a
+resumed run (which knows its step, hence its epoch) continues the schedule exactly, with nothing to
+save. No schedule touches the optimizer's state (torch-rnn's restarts Adam's moments; ours does not).
+
+    --lr-decay F --lr-decay-after A   char-rnn: lr *= F at the end of every epoch e >= A (e counts
+                                      from 1, so A = 0 and A = 1 both decay at every epoch end)
+    --lr-decay F --lr-decay-every N   torch-rnn's steps: lr *= F at the end of epochs N, 2N, 3N, ...
+
+char-rnn's `-learning_rate_decay_after 10` (its default) is --lr-decay-after 10: the first decay
+comes as epoch 10 ends. torch-rnn's loop applies its decay one step before the end of epochs N-1,
+2N-1, ... and restarts Adam when it does; --lr-decay-every N decays as epochs N, 2N, ... end.
+"""
+
+
+def lr_at(cfg, epoch):
+    """The lr in force after `epoch` completed epochs (int >= 0) under TrainConfig cfg."""
+    return cfg.lr * cfg.lr_decay ** decays_after(cfg, epoch)
+
+
+def decays_after(cfg, epoch):
+    """How many times the lr has been multiplied by cfg.lr_decay once `epoch` epochs are done."""
+    if cfg.lr_decay_after is not None:
+        return max(0, epoch - max(cfg.lr_decay_after, 1) + 1)
+    if cfg.lr_decay_every is not None:
+        return epoch // cfg.lr_decay_every
+    return 0
+
+
+def schedule_problem(lr_decay, after, every):
+    """What is wrong with the --lr-decay options given (None for one not given), as one line; None
+    if nothing. The ranges (factor in (0, 1], epochs >= 0 or >= 1) are click's to check."""
+    if after is not None and every is not None:
+        return ("--lr-decay-after (char-rnn's schedule) and --lr-decay-every (torch-rnn's) are two "
+                "schedules: give only one")
+    if lr_decay is not None and after is None and every is None:
+        return ("--lr-decay needs --lr-decay-after EPOCHS (decay at every epoch end from then on) or "
+                "--lr-decay-every EPOCHS (decay every EPOCHS epochs)")
+    if lr_decay is None and (after is not None or every is not None):
+        return "--lr-decay-after and --lr-decay-every need --lr-decay FACTOR (a factor in (0, 1])"
+    return None
