@@ -230,7 +230,10 @@ def _compile_in_child(module, name, variant, sig):
 
     payload = base64.b64encode(pickle.dumps((module, name, variant, tuple(sig)))).decode()
     code = f"from charlstm.jit import _compile_from_parent as c; c({payload!r})"
-    subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, check=False)
+    # Quiet: a cache the child cannot use is one the parent cannot either, and the parent says so
+    # (once); a child that fails leaves the parent to compile in memory, raising any real error.
+    subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False)
 
 
 def _compile_from_parent(payload):
