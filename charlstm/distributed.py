@@ -29,6 +29,7 @@ import zlib
 from pathlib import Path
 
 import click
+import numba
 import numpy as np
 from mpi4py import MPI
 
@@ -142,8 +143,8 @@ class Job:
     def trainer(self, model_cfg, cfg, corpus, folder, state, say):
         trainer = RankTrainer(self, model_cfg, cfg, corpus, folder, state, say)
         self.resume_hint = f"resume with: {self.launcher}charlstm train --resume {folder.latest}"
-        say(f"MPI: {self.size} ranks, {len(trainer.streams)} streams each, {self.node.Get_size()} on this machine; "
-            f"if the job dies, {self.resume_hint}")
+        say(f"MPI: {self.size} ranks, {len(trainer.streams)} streams and {numba.get_num_threads()} threads each, "
+            f"{self.node.Get_size()} ranks on this machine; if the job dies, {self.resume_hint}")
         return trainer
 
     def compile_once(self, trainer):
