@@ -36,7 +36,7 @@ from mpi4py import MPI
 from charlstm.dropout import fill_masks
 from charlstm.errors import UserError
 from charlstm.optim import scale
-from charlstm.train import Trainer, kernels_cached, read_corpus, train_step
+from charlstm.train import Trainer, read_corpus, train_step
 
 CHECK_EVERY = 100  # steps between comparisons of the ranks' parameter checksums
 VOTES = ("time limit", "SIGINT", "SIGTERM")  # stop reasons a rank can vote for, first one wins
@@ -149,8 +149,10 @@ class Job:
 
     def compile_once(self, trainer):
         """The first rank of each machine compiles the step's kernels into Numba's disk cache (one
-        step on copies, nothing kept), while the others on the machine wait, then load them."""
-        if self.node.Get_rank() == 0 and not kernels_cached(trainer.ws):
+        step on copies, nothing kept), while the others on the machine wait, then load them. Always,
+        not only when the LSTM kernels are missing: ranks compiling any kernel at once (the mask
+        fill, say) left a Numba cache that crashed a later process."""
+        if self.node.Get_rank() == 0:
             s, cfg, streams = trainer.state, trainer.cfg, trainer.streams
             x, y = trainer.batcher.window(0)
             if cfg.dropout > 0:
