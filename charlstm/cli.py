@@ -151,12 +151,20 @@ def train(ctx, corpus, resume, init_from, out, run, quiet, encoding, **options):
       charlstm train --optim adam --lr-decay 0.5 --lr-decay-every 5         # torch-rnn's
       charlstm train --resume checkpoints/tinyshakespeare/latest.npz --steps 20000
     """
-    set_threads(options["threads"])
     given = {name for name in options if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
     check_recipe(ctx, options, given, resume)
+    from charlstm import mpi
+
+    comm = mpi.world() if mpi.launched() else None  # MPI first: its ranks per machine set the default threads
+    set_threads(options["threads"] or (mpi.threads_per_rank(comm) if comm else None))
     from charlstm.train import train as run_training
 
-    sys.exit(run_training(corpus, options, given, out, run, resume, init_from, quiet, encoding))
+    args = (corpus, options, given, out, run, resume, init_from, quiet, encoding)
+    if comm is None:
+        sys.exit(run_training(*args))
+    from charlstm.distributed import Job
+
+    sys.exit(Job(comm).run(run_training, *args))
 
 
 def check_recipe(ctx, options, given, resume):

@@ -286,9 +286,12 @@ class Batcher:
     With n = (N_train - 1) // B, stream b covers ids[b*n : (b+1)*n + 1]. Window k feeds, for every
     stream b and t < T, x[t, b] = ids[b*n + k*T + t] and its next char y[t, b] = ids[b*n + k*T + t + 1].
     An epoch has n // T windows; the tail of each stream that does not fill a window is not used.
+
+    streams, a range of stream numbers (default: all B), makes window() read only those: one MPI
+    rank's share of the batch, with n and the windows still those of all B streams.
     """
 
-    def __init__(self, ids_train, batch_size, seq_length):
+    def __init__(self, ids_train, batch_size, seq_length, streams=None):
         B, T = batch_size, seq_length
         if B < 1 or T < 1:
             raise UserError(f"--batch-size and --seq-length must be at least 1, got {B} and {T}")
@@ -300,11 +303,12 @@ class Batcher:
                             f"batch of --batch-size {B} x --seq-length {T}: it needs at least "
                             f"{B * T + 1}; use a smaller --batch-size or --seq-length "
                             f"(or a longer corpus, or a smaller --val-frac)")
-        # (T+1, B): offsets of window 0's inputs plus one target row; window k adds k*T.
-        self._base = np.arange(T + 1)[:, None] + self.stream_length * np.arange(B)[None, :]
+        # (T+1, B'): offsets of window 0's inputs plus one target row, B' the streams read; window k adds k*T.
+        streams = np.arange(B) if streams is None else np.asarray(streams)
+        self._base = np.arange(T + 1)[:, None] + self.stream_length * streams[None, :]
 
     def window(self, k):
-        """x, y: (T, B) int32, C-contiguous, time-major, for window k of the epoch."""
+        """x, y: (T, B') int32, C-contiguous, time-major, for window k of the epoch (B' streams read)."""
         k = operator.index(k)
         if not 0 <= k < self.windows_per_epoch:
             raise IndexError(f"window {k} outside 0..{self.windows_per_epoch - 1}")

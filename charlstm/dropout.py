@@ -35,26 +35,37 @@ def step_key(seed, step):
     return int(mix64(np.uint64(mix64(seeded)) ^ np.uint64(step)))
 
 
-def fill_masks(masks, p, seed, step):
+def fill_masks(masks, p, seed, step, streams=None):
     """Fill masks (L, N, H) for optimizer step `step` of a run seeded `seed`, dropping with
-    probability p: each entry 0 or 1/(1-p)."""
+    probability p: each entry 0 or 1/(1-p).
+
+    streams=(first, count, total): the masks hold only `count` streams of a batch of `total`,
+    from stream `first` on (one MPI rank's share; N = T * count), and get exactly the entries the
+    whole batch's masks have at those streams, so a run split over ranks drops what one process
+    would."""
+    L, N, H = masks.shape
+    if streams is None:  # rows of H entries, one per (layer, position)
+        out, row_stride, offset = masks.reshape(L * N, H), H, 0
+    else:  # rows of count * H entries, one per (layer, t), in a batch whose rows are total * H long
+        first, count, total = streams
+        out, row_stride, offset = masks.reshape(L * (N // count), count * H), total * H, first * H
     threshold = round(p * (1 << UNIFORM_BITS))
     scale = masks.dtype.type(1.0 / (1.0 - p))
-    _fill(masks.reshape(masks.shape[0] * masks.shape[1], masks.shape[2]), np.uint64(step_key(seed, step)),
-          np.uint64(threshold), scale)
+    _fill(out, np.uint64(step_key(seed, step)), np.uint64(threshold), scale, np.uint64(row_stride), np.uint64(offset))
 
 
 @kernel
-def _fill(out, key, threshold, scale):
-    """out (R, C): entry i (row-major) is 0 if the top bits of SplitMix64(key + (i+1) * golden)
-    are below threshold, else scale.
+def _fill(out, key, threshold, scale, row_stride, offset):
+    """out (R, C): entry (r, j) is 0 if the top bits of SplitMix64(key + (i+1) * golden) are below
+    threshold, else scale, with i = r * row_stride + offset + j its index in the whole batch's masks
+    (row_stride = C and offset 0 when out is the whole batch).
 
     One thread on purpose: 0.2 ms a step at 2x256, B=T=50. Run in parallel, Numba's threads kept
     spinning after it and slowed the forward's BLAS products that follow by 8 ms."""
     R, C = out.shape
     zero = scale - scale
     for r in range(R):
-        base = np.uint64(r) * np.uint64(C)
+        base = np.uint64(r) * row_stride + offset
         for j in range(C):
             z = mix64(key + (base + np.uint64(j) + np.uint64(1)) * _GOLDEN)
             out[r, j] = zero if (z >> _SHIFT) < threshold else scale

@@ -74,16 +74,20 @@ class State:
     elapsed: float = 0.0  # wall-clock seconds of the run before this process (from metrics.jsonl)
 
 
-def train_step(params, grads, optim_state, ws, x, y, h, c, cfg, t, lr):
+def train_step(params, grads, optim_state, ws, x, y, h, c, cfg, t, lr, reduce=None):
     """Forward, backward, clip and an optimizer step (the t-th, 1-based, at rate lr) on one window
     x, y (T, B) from state h, c (L, B, H), which then holds the window's final state. Returns the
-    loss; raises NonFiniteLoss, before touching params, if the loss or gradients are NaN or infinite."""
+    loss; raises NonFiniteLoss, before touching params, if the loss or gradients are NaN or infinite.
+    Under MPI, reduce(grads, loss) turns this rank's gradients and loss into the whole job's, before
+    they are checked and clipped."""
     # One stream: Numba's threads run the per-step sweeps (stream_kernels), and BLAS threads left
     # spinning between its few batched products would fight them for the 2 cores.
     with blas.limited_to(1) if network.one_stream(ws) else nullcontext():
         network.forward(params, ws, x, h, c)
         loss = network.loss(params, ws, y)
         network.backward(params, grads, ws, x)
+    if reduce is not None:
+        loss = reduce(grads, loss)
     sumsq = sum_of_squares(grads)
     if not (math.isfinite(loss) and math.isfinite(sumsq)):
         raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'}")
@@ -95,13 +99,18 @@ def train_step(params, grads, optim_state, ws, x, y, h, c, cfg, t, lr):
 
 
 class Trainer:
-    def __init__(self, model_cfg, train_cfg, corpus, folder, state, say):
+    """Trains the streams in `streams` (a range: all B of them, or under MPI one rank's share; the
+    state's h and c always hold all B). distributed.RankTrainer adds what ranks must agree on."""
+    reduce = None  # train_step's hook: under MPI, sums the ranks' gradients and losses
+
+    def __init__(self, model_cfg, train_cfg, corpus, folder, state, say, streams=None):
         self.model_cfg, self.cfg, self.corpus, self.folder, self.state, self.say = (
             model_cfg, train_cfg, corpus, folder, state, say)
+        self.streams = streams or range(train_cfg.batch_size)
         n_train, n_val = split(len(corpus.ids), train_cfg.val_frac)
-        self.batcher = Batcher(corpus.ids[:n_train], train_cfg.batch_size, train_cfg.seq_length)
+        self.batcher = Batcher(corpus.ids[:n_train], train_cfg.batch_size, train_cfg.seq_length, self.streams)
         self.val_ids = corpus.ids[n_train:]
-        self.ws = network.Workspace(model_cfg, train_cfg.batch_size, train_cfg.seq_length,
+        self.ws = network.Workspace(model_cfg, len(self.streams), train_cfg.seq_length,
                                     dropout=train_cfg.dropout > 0)
         self.grads = np.zeros_like(state.params)
         self.rng = np.random.default_rng(train_cfg.seed)
@@ -128,10 +137,12 @@ class Trainer:
             s.h[:] = 0
             s.c[:] = 0
         x, y = self.batcher.window(k)
+        share = slice(self.streams.start, self.streams.stop)
         if cfg.dropout > 0:  # this step's masks: a function of (seed, step), so resume needs nothing saved
-            fill_masks(self.ws.masks, cfg.dropout, cfg.seed, s.step)
-        loss = self.governor.run(lambda: train_step(s.params, self.grads, s.optim_state, self.ws, x, y, s.h, s.c,
-                                                    cfg, s.step + 1, self.lr))
+            fill_masks(self.ws.masks, cfg.dropout, cfg.seed, s.step,
+                       (self.streams.start, len(self.streams), cfg.batch_size))
+        loss = self.governor.run(lambda: train_step(s.params, self.grads, s.optim_state, self.ws, x, y, s.h[:, share],
+                                                    s.c[:, share], cfg, s.step + 1, self.lr, self.reduce))
         s.step += 1
         s.chars_seen += cfg.batch_size * cfg.seq_length
         s.log_sum += loss
@@ -209,14 +220,8 @@ class Trainer:
         start, start_chars = time.monotonic(), s.chars_seen
         saved_at, evaluated_at = s.step, None
         while True:
-            if total_steps is not None and s.step >= total_steps:
-                reason = "done"
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                reason = "time limit"
-                break
-            if self.stop_requested:
-                reason = self.stop_requested
+            reason = self.stop_reason(total_steps, deadline)
+            if reason:
                 break
             self.step()
             if s.step % LOG_EVERY == 0:
@@ -232,9 +237,20 @@ class Trainer:
         best = False
         if reason in ("done", "time limit") and evaluated_at != s.step:
             best = self.evaluate()
-        if best or saved_at != s.step or not self.folder.latest.exists():
+        if best or saved_at != s.step or not self.has_checkpoint():
             return reason, self.save(best)
         return reason, self.folder.path / f"step-{s.step:08d}.npz"
+
+    def stop_reason(self, total_steps, deadline):
+        """Why the run stops before its next step: "done", "time limit", a signal's name, or None."""
+        if total_steps is not None and self.state.step >= total_steps:
+            return "done"
+        if deadline is not None and time.monotonic() >= deadline:
+            return "time limit"
+        return self.stop_requested
+
+    def has_checkpoint(self):
+        return self.folder.latest.exists()
 
     def progress(self, start, start_chars, deadline):
         """The bar's postfix: epoch, smoothed loss, speed, and time left under --time-limit."""
@@ -351,19 +367,28 @@ def summary(trainer, total_steps, deadline_s):
     yield f"stopping {' or '.join(stops)}; checkpoints in {trainer.folder.path}"
 
 
-def train(corpus_path, options, given, out, run, resume, init_from, quiet, encoding):
-    """The `charlstm train` command's work. `options` holds every option value by name and
-    `given` the names the user set explicitly. Returns the process exit status."""
-    say = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stdout))
+def start_run(corpus_path, options, given, out, run, resume, init_from, quiet, encoding):
+    """Model, config, corpus, folder and state of the run to train: resumed, or new."""
     if resume and init_from:
         raise UserError("--resume continues a run and --init-from starts a new one: give only one")
     if resume:
-        model_cfg, cfg, corpus, folder, state = resume_run(resume, corpus_path, options, given, encoding, quiet)
-    else:
-        from charlstm.config import TrainConfig
-        cfg = TrainConfig.from_dict(options)
-        model_cfg, corpus, folder, state = new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, quiet)
-    trainer = Trainer(model_cfg, cfg, corpus, folder, state, say)
+        return resume_run(resume, corpus_path, options, given, encoding, quiet)
+    from charlstm.config import TrainConfig
+    cfg = TrainConfig.from_dict(options)
+    model_cfg, corpus, folder, state = new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, quiet)
+    return model_cfg, cfg, corpus, folder, state
+
+
+def train(corpus_path, options, given, out, run, resume, init_from, quiet, encoding, job=None):
+    """The `charlstm train` command's work. `options` holds every option value by name and
+    `given` the names the user set explicitly. Under MPI, `job` is the distributed.Job this
+    process is a rank of: only its leader (rank 0) writes anything. Returns the exit status."""
+    leader = job is None or job.leader
+    quiet = quiet or not leader
+    say = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stdout))
+    start = lambda: start_run(corpus_path, options, given, out, run, resume, init_from, quiet, encoding)
+    model_cfg, cfg, corpus, folder, state = job.start(start, encoding) if job else start()
+    trainer = (job.trainer if job else Trainer)(model_cfg, cfg, corpus, folder, state, say)
     wpe = trainer.windows_per_epoch
     total = cfg.steps if cfg.steps is not None else (math.ceil(cfg.epochs * wpe) if cfg.epochs is not None else None)
     limit = cfg.time_limit if cfg.time_limit is not None else (DEFAULT_TIME_LIMIT if total is None else None)
@@ -373,6 +398,8 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
         say(f"resuming from {resume} at step {state.step:,} (epoch {state.step / wpe:.2f})")
     if not kernels_cached(trainer.ws):
         say("compiling kernels (first run only, about a minute)...")
+    if job:  # one rank of each machine compiles, if needed, while the others wait to load its cache
+        job.compile_once(trainer)
 
     def request_stop(signum, frame):
         trainer.stop_requested = signal.Signals(signum).name
@@ -382,11 +409,12 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
                smoothing=0.1)
     try:
         reason, path = trainer.run(total, deadline, bar)
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # under MPI every rank sees the same reduced gradients, so all stop here
         bar.close()
-        print(f"Error: {e} at step {state.step + 1}; nothing was saved from that step, the last good checkpoint is "
-              f"{folder.latest if folder.latest.exists() else 'none'}; try a lower --lr (now {cfg.lr}) "
-              f"or --clip (now {cfg.clip})", file=sys.stderr)
+        if leader:
+            print(f"Error: {e} at step {state.step + 1}; nothing was saved from that step, the last good checkpoint "
+                  f"is {folder.latest if folder.latest.exists() else 'none'}; try a lower --lr (now {cfg.lr}) "
+                  f"or --clip (now {cfg.clip})", file=sys.stderr)
         return EXIT_NONFINITE
     finally:
         bar.close()
@@ -396,7 +424,7 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
     best = f"; best val loss {state.best_val_loss:.4f} nats" if math.isfinite(state.best_val_loss) else ""
     if reason in ("SIGINT", "SIGTERM"):
         say(f"stopped by {reason} at step {state.step:,}; saved {path}")
-        say(f"resume with: charlstm train --resume {folder.latest}")
+        say(f"resume with: {job.launcher if job else ''}charlstm train --resume {folder.latest}")
     else:
         say(f"finished at step {state.step:,} ({reason}){best}; saved {path}")
     return 0

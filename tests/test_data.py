@@ -218,6 +218,17 @@ def test_batcher_matches_spec(N, B, T):
             batcher.window(k)
 
 
+@pytest.mark.parametrize("streams", [range(0, 2), range(2, 4), range(4, 6), range(3, 4)])
+def test_batcher_share_reads_those_streams_of_the_whole_batch(streams):
+    """An MPI rank's Batcher: the whole batch's windows, at its streams only."""
+    ids = np.arange(200, dtype=np.uint16)[::-1].copy()
+    whole, share = Batcher(ids, 6, 5), Batcher(ids, 6, 5, streams)
+    assert share.windows_per_epoch == whole.windows_per_epoch
+    for k in range(whole.windows_per_epoch):
+        for a, b in zip(share.window(k), whole.window(k)):
+            assert a.flags.c_contiguous and np.array_equal(a, b[:, streams.start:streams.stop])
+
+
 def test_batcher_on_memmap_slice(tmp_path):
     text = "the quick brown fox jumps over the lazy dog. " * 20
     corpus = load_corpus(write(tmp_path, text), tmp_path / "cache")

@@ -63,3 +63,15 @@ def test_masks_depend_on_seed_and_step_only():
     assert not np.array_equal(masks(0, 5), masks(0, 6))
     assert not np.array_equal(masks(0, 5), masks(1, 5))
     assert not np.array_equal(masks(0, 5)[0], masks(0, 5)[1])  # layers differ too
+
+
+@pytest.mark.parametrize("first,count", [(0, 2), (2, 2), (4, 2), (1, 4), (0, 6)])
+def test_a_share_of_the_streams_gets_the_whole_batchs_masks_there(first, count):
+    """An MPI rank training streams first..first+count of B fills exactly those streams' masks."""
+    L, T, B, H = 2, 5, 6, 7
+    whole = np.empty((L, T * B, H), dtype=np.float32)
+    fill_masks(whole, 0.5, seed=2, step=9)
+    share = np.empty((L, T * count, H), dtype=np.float32)
+    fill_masks(share, 0.5, seed=2, step=9, streams=(first, count, B))
+    expected = whole.reshape(L, T, B, H)[:, :, first:first + count].reshape(L, T * count, H)
+    assert np.array_equal(share, expected)
