@@ -13,39 +13,46 @@ from tests.test_train import arrays
 needs_two = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
 
 
-def timed_work(seconds_at):
-    """Work that takes seconds_at[n] seconds when Numba runs on n threads."""
+@pytest.fixture
+def running(monkeypatch):
+    """The count threads.use last set, recorded instead of set (so these tests depend on nothing
+    else in the process's Numba state)."""
+    count = [None]
+    monkeypatch.setattr(threads, "use", lambda n: count.__setitem__(0, n))
+    return count
+
+
+def timed_work(seconds_at, running):
+    """Work that takes seconds_at[n] seconds when the governor runs it on n threads."""
     def work():
-        time.sleep(seconds_at[numba.get_num_threads()])
-        return numba.get_num_threads()
+        time.sleep(seconds_at[running[0]])
+        return running[0]
     return work
 
 
-@needs_two
 @pytest.mark.parametrize("faster", [1, 2])
-def test_governor_keeps_the_faster_count(monkeypatch, faster):
+def test_governor_keeps_the_faster_count(monkeypatch, running, faster):
     monkeypatch.setattr(threads, "PROBE_EVERY", 0.1)  # seconds: a probe every ~30 units here
     governor = threads.Governor(most=2)
     slower = 3 - faster
-    work = timed_work({faster: 0.002, slower: 0.006})
+    work = timed_work({faster: 0.002, slower: 0.006}, running)
     counts = [governor.run(work) for _ in range(120)]
     assert governor.current == faster
     assert counts[-60:].count(faster) >= 40  # only probes run the slower count
 
 
-@needs_two
-def test_a_surge_triggers_a_probe_at_once(monkeypatch):
+def test_a_surge_triggers_a_probe_at_once(monkeypatch, running):
     """Two threads fast, then another process arrives (2 threads now slow): it moves to one thread
     within a few units, long before the periodic probe."""
     monkeypatch.setattr(threads, "PROBE_EVERY", 3600.0)
     governor = threads.Governor(most=2)
     seconds_at = {1: 0.004, 2: 0.002}
     for _ in range(20):
-        governor.run(timed_work(seconds_at))
+        governor.run(timed_work(seconds_at, running))
     assert governor.current == 2
     seconds_at[2] = 0.02  # the surge
     for _ in range(20):
-        governor.run(timed_work(seconds_at))
+        governor.run(timed_work(seconds_at, running))
     assert governor.current == 1
 
 
