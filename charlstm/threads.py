@@ -8,9 +8,10 @@ about 60% (bench at H=256, Intel Xeon 2.8 GHz: B=1 13.1k -> 3.2k chars/s on two 
 one; B=32 45.5k -> 13.9k, 20.6k on one). Waiting passively instead of spinning (OMP_WAIT_POLICY,
 OpenBLAS's thread timeout) did not help: it cost up to 3x when idle.
 
-So each thread must earn its place by measurement: `Governor` times the work at its current count,
-and every PROBE_EVERY seconds (or at once when units in a row take twice their recent median, as
-when another process starts) times PROBE_UNITS units at the other count and keeps the faster.
+So each thread must earn its place by measurement: `Governor` times the work at its current count
+and, every PROBE_EVERY seconds (longer where probing would take more than PROBE_SHARE of the time)
+or at once when the last few units took twice the usual (another process started), times
+PROBE_UNITS units at the other count and keeps the faster.
 
 Results do not depend on the count (the one-stream kernels keep their unit blocks, set by the
 thread pool's size, whatever runs them; OpenBLAS splits a product by rows and columns, never along
@@ -26,7 +27,8 @@ import numba
 
 from charlstm import blas
 
-PROBE_EVERY = 2.0  # seconds between probes of the other thread count (the first comes sooner)
+PROBE_EVERY = 2.0  # seconds between probes of the other thread count (the first comes sooner),
+PROBE_SHARE = 0.05  # or more: at most this share of the time goes to probing (a slower count)
 PROBE_UNITS = 8  # units run at the other count per probe; the first is not counted (waking threads)
 WARMUP = 5  # units not timed at the start (compiling, caches filling)
 SURGE = 2.0  # the last SURGE_UNITS units taking this many times the usual mean trigger a probe at once
@@ -49,6 +51,7 @@ class Governor:
         self.recent = deque(maxlen=16)  # seconds per unit at the current count
         self.units = 0
         self.decided = -math.inf  # time.perf_counter() of the last probe's decision
+        self.gap = PROBE_EVERY  # seconds from a decision to the next probe
         self.probing = []  # seconds per unit at the other count, while a probe runs
         use(self.current)
 
@@ -80,7 +83,7 @@ class Governor:
             return False
         recent = list(self.recent)
         surge = statistics.mean(recent[-SURGE_UNITS:]) > SURGE * statistics.mean(recent[:-SURGE_UNITS])
-        return surge or time.perf_counter() - self.decided >= PROBE_EVERY
+        return surge or time.perf_counter() - self.decided >= self.gap
 
     def _decide(self, probe):
         """Keep the other count if its probe beat the current count's recent mean. Means, not
@@ -91,6 +94,7 @@ class Governor:
         if statistics.mean(probe) < MARGIN * usual:
             self.current = self.other
             self.recent = deque(probe, maxlen=self.recent.maxlen)
+        self.gap = max(PROBE_EVERY, sum(self.probing) / PROBE_SHARE)
         self.probing = []
         self.decided = time.perf_counter()
         use(self.current)
