@@ -1,4 +1,4 @@
-"""Training throughput: full steps (forward, backward, clipping, Adagrad) timed after a warm-up.
+"""Training throughput: full steps (forward, backward, clipping, the optimizer) timed after a warm-up.
 Without dropout, as the PyTorch peer runs (with it, filling the masks adds 0.2 ms a step at 2x256,
 B=T=50: under 1%).
 

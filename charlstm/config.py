@@ -40,8 +40,8 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 50
     seq_length: int = 50
-    optim: str = "adagrad"
-    lr: float = 0.02
+    optim: str = "rmsprop"  # measured best in 10 minutes at the defaults (README)
+    lr: float = 2e-3
     adagrad_eps: float = 1e-20
     rmsprop_alpha: float = 0.95
     rmsprop_eps: float = 1e-8

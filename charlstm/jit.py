@@ -15,8 +15,9 @@ Why: a cached plain kernel that calls a parallel one, loaded from Numba's disk c
 process, does not bring the parallel runtime's start-up hook with it (Numba keeps the callee's
 `reload_init` in its in-memory library but not in the caller's cache entry), so its first parfor
 jumps into a thread pool that was never launched: SIGSEGV (numba#8578; seen here as `bench
---batch-size 1` dying on its second run, and fixed by nothing but this rule or launching the pool
-by hand). An entry point's own cache entry carries the hook, so loading it starts the pool.
+--batch-size 1` dying on its second run, which launching the pool by hand first also avoided,
+confirming the cause). An entry point's own cache entry carries the hook, so loading it starts
+the pool.
 """
 import fcntl
 import math
@@ -171,7 +172,11 @@ def _like_impl(x, value):
 
 
 def inline_kernel(fn):
-    """`kernel` inlined into its callers by Numba (inline="always")."""
+    """`kernel` inlined into its callers by Numba (inline="always"), for the callees of entry points
+    whose sums must not depend on the cache: Numba runs a callee's own in-process copy, but caches
+    the copy linked into the caller and optimized again with it, and under fastmath the two can
+    round differently (the one-stream backward did, between a cold and a warm process). Inlined at
+    Numba's level there is one copy."""
     return kernel(fn, inline="always")
 
 

@@ -67,7 +67,7 @@ def outcome(name, argv, proc, cwd):
     if argv[0] == "train":
         ck, run_name = argv[argv.index("--out") + 1], argv[argv.index("--run") + 1]
         with np.load(cwd / ck / run_name / "latest.npz") as f:
-            return hashlib.sha256(b"".join(f[k].tobytes() for k in ("params", "adagrad", "h", "c"))).hexdigest()
+            return hashlib.sha256(b"".join(f[k].tobytes() for k in sorted(f.files) if k != "manifest")).hexdigest()
     return proc.stdout
 
 
