@@ -123,9 +123,11 @@ def _remove_quietly(path):
 def save_checkpoint(path, manifest, params, optim_state, h, c):
     """Write one checkpoint atomically; the same state always gives the same bytes. `optim_state`
     is the {name: array} of the optimizer manifest["train"]["optim"] (optim.new_state's); one bare
-    array is Adagrad's mem, as callers written before version 2 pass it."""
+    array, as callers written before version 2 pass it, is the state of an optimizer that keeps one
+    (Adagrad, the optimizer of those files, or RMSprop)."""
     if isinstance(optim_state, np.ndarray):
-        optim_state = {"adagrad": optim_state}
+        (name,) = OPTIMIZER_STATE[(manifest.get("train") or {}).get("optim", "adagrad")]
+        optim_state = {name: optim_state}
     arrays = {key: np.ascontiguousarray(a) for key, a in {"params": params, **optim_state, "h": h, "c": c}.items()}
     train = manifest.get("train")
     name = train.get("optim", BEFORE_OPTION["optim"]) if isinstance(train, dict) else None

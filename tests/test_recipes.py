@@ -103,8 +103,9 @@ def as_version_1(path):
 
 
 def test_a_version_1_checkpoint_resumes_exactly_as_adagrad(tmp_path, corpus, run_cli):
-    train(run_cli, corpus, *TINY, "--steps", 40, "--out", tmp_path, "--run", "straight")
-    train(run_cli, corpus, *TINY, "--steps", 20, "--out", tmp_path, "--run", "old")
+    adagrad = ["--optim", "adagrad"]  # the only optimizer of version 1
+    train(run_cli, corpus, *TINY, *adagrad, "--steps", 40, "--out", tmp_path, "--run", "straight")
+    train(run_cli, corpus, *TINY, *adagrad, "--steps", 20, "--out", tmp_path, "--run", "old")
     old = tmp_path / "old" / "latest.npz"
     as_version_1(old)
     ckpt = load_checkpoint(old)
