@@ -49,8 +49,8 @@ def limited_to(n):
     if before is None or before <= n:
         yield
         return
-    getattr(_library, _SET)(n)
+    set_threads(n)
     try:
         yield
     finally:
-        getattr(_library, _SET)(before)
+        set_threads(before)

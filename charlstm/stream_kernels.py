@@ -6,7 +6,8 @@ across threads in blocks of hidden units. A block owns units [lo, hi): it dots t
 rows k, H+k, 2H+k, 3H+k with the input vector in one loop (each input element loaded once for four
 rows), then runs their gates, cell and output. A thread gets the same block every step, so its
 rows stay in its core's cache when they fit. A unit's sums run in one fixed order whatever the
-block count, so results do not depend on it.
+block count, so within one compiled variant results do not depend on it (the parallel and the
+serial variant can still differ in the last bit: see blocks_for).
 
 The entry points (lstm_forward_one, lstm_backward_one, transpose_split, run_stream) are
 threaded_kernels: each holds its time loop and its prange over unit blocks itself, and is called

@@ -8,11 +8,10 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numba
 import numpy as np
 from tqdm import tqdm
 
@@ -27,7 +26,7 @@ from charlstm.optim import clip_gradients, new_state, sum_of_squares, update
 from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.sample import Stream, generate
 from charlstm.schedule import lr_at
-from charlstm.threads import Governor
+from charlstm.threads import Governor, single_threaded_kernels
 from charlstm.validate import validation_loss
 
 EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN/inf
@@ -41,19 +40,6 @@ STOPPING = ("steps", "epochs", "time_limit", "eval_every", "save_every", "keep",
 
 class NonFiniteLoss(Exception):
     pass
-
-
-@contextmanager
-def single_threaded_kernels():
-    """Run Numba's parallel kernels (validation, samples) on the calling thread only: between the
-    trainer's products OpenBLAS's threads spin on the cores, and fighting them made validation
-    2.5x slower on 2 cores than one thread is."""
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
 
 
 @dataclass
