@@ -54,6 +54,8 @@ class TrainConfig:
     clip: float = 5.0
     clip_mode: str = "value"
     dropout: float = 0.15
+    init: str = "char-rnn"  # model.INITS
+    dropout_warmup: float = 0.0  # epochs over which dropout ramps up from 0 (schedule.dropout_at)
     val_frac: float = 0.05
     seed: int = 0
     steps: int | None = None
@@ -88,4 +90,4 @@ class TrainConfig:
 
 
 # Checkpoints written before an option existed trained with these values.
-BEFORE_OPTION = {"dropout": 0.0, "optim": "adagrad"}
+BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "optim": "adagrad"}

@@ -10,10 +10,11 @@ Arrays of a window are time-major, (T, B, ...), so step t is one contiguous (B, 
 (T, B, X) reshapes to (N, X) for free. Kernels take arrays and scalars only, never read module
 state, and never allocate inside the time loop: workspaces are allocated once by the caller.
 
-Products go to BLAS through np.dot (SciPy's BLAS, called from inside Numba). Only the recurrent
-products run per step; every elementwise gate operation is fused into one pass around them.
-How kernels are compiled, and the dtype-typed tanh/sigmoid/like they use, is in jit.py; the
-one-stream step kernels for sampling and eval are in stream_kernels.py.
+These are the batched kernels, over all N positions of a window at once: products go to BLAS
+through np.dot (SciPy's BLAS, called from inside Numba). The per-step recurrent loops are
+recurrent.py's (B > 1: our micro-kernel on Wh packed by packed.py, on the threads of
+threads.Team) and stream_kernels.py's (B = 1, eval and sampling). How kernels are compiled, and
+the dtype-typed tanh/sigmoid/like they use, is in jit.py.
 """
 import math
 
@@ -68,90 +69,8 @@ def project_input(X, Wx, b, A):
             A[n, j] += b[j]
 
 
-# ---------------------------------------------------------------- one layer over one window
-
-@kernel
-def lstm_forward(A, Wh, peep, h, c, tc, z):
-    """Run one layer over a window, keeping what the backward needs.
-
-    A    (T, B, G)    in: input term + bias per step; out: the gates after their nonlinearity
-    Wh   (G, H)       recurrent weights (BLAS reads Wh.T in place, no copy)
-    peep (3H,)        peephole weights i, f, o; length 0 when peepholes are off
-    h, c (T+1, B, H)  h[0], c[0] in: the carried state; h[t+1], c[t+1] out: the state after step t
-    tc   (T, B, H)    out: tanh(c_t)
-    z    (B, G)       workspace for the recurrent product
-    """
-    T, B, G = A.shape
-    H = G // 4
-    peepholes = peep.shape[0] > 0
-    for t in range(T):
-        np.dot(h[t], Wh.T, z)  # the only product that must run step by step
-        for s in range(B):
-            # Short passes over one stream's row, each simple enough for LLVM to vectorize.
-            a, zs, c_prev, c_new, h_new, tc_new = A[t, s], z[s], c[t, s], c[t + 1, s], h[t + 1, s], tc[t, s]
-            for j in range(G):
-                a[j] += zs[j]
-            if peepholes:
-                for k in range(H):
-                    a[k] += peep[k] * c_prev[k]
-                    a[H + k] += peep[H + k] * c_prev[k]
-            for j in range(2 * H):
-                a[j] = sigmoid(a[j])  # i, f
-            for j in range(3 * H, G):
-                a[j] = tanh(a[j])  # g
-            for k in range(H):
-                c_new[k] = a[H + k] * c_prev[k] + a[k] * a[3 * H + k]  # c = f * c_prev + i * g
-            if peepholes:
-                for k in range(H):
-                    a[2 * H + k] += peep[2 * H + k] * c_new[k]  # the output gate peeks at the new cell
-            for k in range(H):
-                o = sigmoid(a[2 * H + k])
-                a[2 * H + k] = o
-                tc_new[k] = tanh(c_new[k])
-                h_new[k] = o * tc_new[k]
-
-
-@kernel
-def lstm_backward(gates, c, tc, peep, Wh, dH, dA, dh, dc):
-    """Truncated BPTT through one layer over the window, from t = T-1 down to 0.
-
-    gates (T, B, G)   i, f, o, g from the forward;  c (T+1, B, H);  tc (T, B, H) = tanh(c_t)
-    peep  (3H,)       (length 0 when off);  Wh (G, H)
-    dH    (T, B, H)   in: dloss/dh_t from above (output layer, or the next layer's input);
-                      overwritten with the total dloss/dh_t
-    dA    (T, B, G)   out: dloss/d(gate pre-activations), for the batched weight gradients
-    dh, dc (B, H)     in: gradient arriving from after the window (zero under truncation);
-                      out: dloss/dh_0, dloss/dc_0
-    """
-    T, B, G = gates.shape
-    H = G // 4
-    peepholes = peep.shape[0] > 0
-    for t in range(T - 1, -1, -1):
-        for s in range(B):
-            # Short passes, each over few enough arrays for LLVM to vectorize.
-            gs, das, c_prev, tcs, dHs, dhs, dcs = gates[t, s], dA[t, s], c[t, s], tc[t, s], dH[t, s], dh[s], dc[s]
-            for k in range(H):
-                dHs[k] += dhs[k]  # dloss/dh_t: from above, and from step t+1 through Wh
-            for k in range(H):
-                # forward: h = o * tanh(c)   so: do = dh * tanh(c), dc += dh * o * (1 - tanh(c)^2)
-                o, tct, dht = gs[2 * H + k], tcs[k], dHs[k]
-                das[2 * H + k] = dht * tct * (o - o * o)
-                dcs[k] += dht * o - dht * o * tct * tct
-            if peepholes:
-                for k in range(H):
-                    dcs[k] += peep[2 * H + k] * das[2 * H + k]  # a_o saw c_t through its peephole
-            for k in range(H):
-                # forward: c = f * c_prev + i * g
-                i, f, g, dct = gs[k], gs[H + k], gs[3 * H + k], dcs[k]
-                das[k] = dct * g * (i - i * i)
-                das[H + k] = dct * c_prev[k] * (f - f * f)
-                das[3 * H + k] = dct * i - dct * i * g * g
-                dcs[k] = dct * f
-            if peepholes:
-                for k in range(H):
-                    dcs[k] += peep[k] * das[k] + peep[H + k] * das[H + k]
-        np.dot(dA[t], Wh, dh)  # forward: z = h_{t-1} @ Wh.T   so: dh_{t-1} = dz @ Wh
-
+# ---------------------------------------------------------------- around the recurrent loops
+# A layer's time loop itself is recurrent.py's (B > 1) or stream_kernels.py's (B = 1).
 
 @kernel
 def peephole_grad(dA, c, dpeep):

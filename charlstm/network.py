@@ -5,8 +5,9 @@ step), with every array preallocated in a Workspace for one (config, B, T).
 """
 import numpy as np
 
-from charlstm import kernels, stream_kernels
+from charlstm import kernels, packed, recurrent, stream_kernels
 from charlstm.model import views
+from charlstm.threads import team
 
 
 # One stream (B = 1) steps through stream_kernels' unit-block sweeps while each thread's share of
@@ -40,6 +41,9 @@ class Workspace:
         stepwise = B == 1 and G * H * np.dtype(config.dtype).itemsize <= ONE_STREAM_MAX_BYTES
         self.WhT = zeros(H, G) if stepwise else zeros(0, G)  # the one-stream backward reads Wh.T
         self.no_peep = zeros(0)
+        forward_shape, backward_shape, row = packed.packed_shapes(H, config.dtype)
+        self.Wf, self.Wb = zeros(*forward_shape), zeros(*backward_shape)  # the layer's Wh, packed (packed.py)
+        self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py)
         self.masks = zeros(L, T * B, H) if dropout else None
         self.dropped = zeros(L, T * B, H) if dropout else None
 
@@ -94,7 +98,11 @@ def forward(params, ws, x, h0, c0):
                                             ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H),
                                             stream_kernels.blocks_for(Wh.nbytes))
         else:
-            kernels.lstm_forward(ws.gates[l], Wh, _peep(w, l, ws), ws.h[l], ws.c[l], ws.tc[l], ws.z)
+            packed.pack_forward(Wh, ws.Wf)
+            peep = _peep(w, l, ws)
+            team.run(lambda lo, hi, slot: recurrent.forward_streams(ws.gates[l], ws.Wf, peep, ws.h[l], ws.c[l], ws.tc[l],
+                                                                    lo, hi, ws.scratch),
+                     team.shares(ws.B, packed.ROWS))
         ws.drop(l)
 
 
@@ -128,7 +136,11 @@ def backward(params, grads, ws, x, dh0=None, dc0=None):
                                              _peep(w, l, ws), ws.WhT, ws.dH.reshape(-1, H), dA2, ws.dh[0], ws.dc[0],
                                              blocks)
         else:
-            kernels.lstm_backward(ws.gates[l], ws.c[l], ws.tc[l], _peep(w, l, ws), Wh, ws.dH, ws.dA, ws.dh, ws.dc)
+            packed.pack_backward(Wh, ws.Wb)
+            peep = _peep(w, l, ws)
+            team.run(lambda lo, hi, slot: recurrent.backward_streams(ws.gates[l], ws.c[l], ws.tc[l], peep, ws.Wb, ws.dH,
+                                                                     ws.dA, ws.dh, ws.dc, lo, hi, ws.scratch),
+                     team.shares(ws.B, packed.ROWS))
         kernels.weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"])
         kernels.column_sums(dA2, g[f"l{l}.b"])
         if cfg.peepholes:

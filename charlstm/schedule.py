@@ -1,6 +1,7 @@
-"""The learning-rate schedule: the lr in force as a pure function of the completed epochs, so a
-resumed run (which knows its step, hence its epoch) continues the schedule exactly, with nothing to
-save. No schedule touches the optimizer's state (torch-rnn's restarts Adam's moments; ours does not).
+"""The schedules: the lr in force as a pure function of the completed epochs, and the dropout in
+force as a pure function of the step, so a resumed run (which knows its step, hence its epoch)
+continues both exactly, with nothing to save. No schedule touches the optimizer's state
+(torch-rnn's restarts Adam's moments; ours does not).
 
     --lr-decay F --lr-decay-after A   char-rnn: lr *= F at the end of every epoch e >= A (e counts
                                       from 1, so A = 0 and A = 1 both decay at every epoch end)
@@ -24,6 +25,15 @@ def decays_after(cfg, epoch):
     if cfg.lr_decay_every is not None:
         return epoch // cfg.lr_decay_every
     return 0
+
+
+def dropout_at(cfg, step, windows_per_epoch):
+    """The dropout probability of step `step` (0-based): cfg.dropout, reached by a straight ramp
+    from 0 over the first cfg.dropout_warmup epochs (--dropout-warmup). Early on the model
+    underfits and dropout only slows it; once it starts to overfit, dropout pays (README)."""
+    if cfg.dropout_warmup <= 0:
+        return cfg.dropout
+    return cfg.dropout * min(1.0, step / (cfg.dropout_warmup * windows_per_epoch))
 
 
 def schedule_problem(lr_decay, after, every):

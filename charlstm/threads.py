@@ -19,7 +19,9 @@ the summed dimension; tests/test_threads.py checks a run switching counts every 
 steady one byte for byte), so switching keeps runs exact.
 """
 import math
+import queue
 import statistics
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -38,9 +40,69 @@ MARGIN = 0.9  # the other count's mean must be this much lower to take over
 
 
 def use(threads):
-    """Run Numba's kernels and BLAS on `threads` threads from now on."""
+    """Run the team, Numba's kernels and BLAS on `threads` threads from now on."""
+    team.size = max(1, min(threads, team.most))
     numba.set_num_threads(threads)
     blas.set_threads(threads)
+
+
+class Team:
+    """The engine's own threads: plain Python threads, each running a nogil kernel on a fixed share
+    of the work for a whole window (recurrent.py: a share of the batch's streams), so nothing
+    synchronises inside the window and no thread pool spins between calls. The calling thread
+    works the first share; `size - 1` helpers, started once, work the others.
+
+    `run(work, shares)` calls work(lo, hi, slot) for each share (lo, hi) on its own thread (slot
+    0 is the caller's) and returns when all are done, raising the first error any raised."""
+
+    def __init__(self, most):
+        self.most = most  # the threads there are (the cores Numba was told of)
+        self.size = most  # the threads used now (use() and the Governor set it)
+        self._inbox = [queue.SimpleQueue() for _ in range(most)]
+        self._done = queue.SimpleQueue()
+        self._started = 1
+
+    def shares(self, n, grain):
+        """Split 0..n-1 into at most `size` contiguous shares whose bounds are multiples of grain
+        (the last excepted), as even as that allows: [(lo, hi), ...]."""
+        blocks = -(-n // grain)
+        count = max(1, min(self.size, blocks))
+        bounds = [min(n, round(i * blocks / count) * grain) for i in range(count + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(count)]
+
+    def run(self, work, shares):
+        for slot in range(1, len(shares)):
+            self._start(slot)
+            self._inbox[slot].put((work, shares[slot]))
+        error = None
+        try:
+            work(*shares[0], 0)
+        except BaseException as e:  # still collect the helpers before raising
+            error = e
+        for _ in range(len(shares) - 1):
+            helper_error = self._done.get()
+            error = error or helper_error
+        if error is not None:
+            raise error
+
+    def _start(self, slot):
+        while self._started <= slot:
+            threading.Thread(target=self._serve, args=(self._started,), daemon=True,
+                             name=f"charlstm-team-{self._started}").start()
+            self._started += 1
+
+    def _serve(self, slot):
+        inbox = self._inbox[slot]
+        while True:
+            work, (lo, hi) = inbox.get()
+            try:
+                work(lo, hi, slot)
+                self._done.put(None)
+            except BaseException as e:
+                self._done.put(e)
+
+
+team = Team(numba.config.NUMBA_NUM_THREADS)
 
 
 @contextmanager

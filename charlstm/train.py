@@ -25,7 +25,7 @@ from charlstm.model import init_params, param_count
 from charlstm.optim import clip_gradients, new_state, sum_of_squares, update
 from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.sample import Stream, generate
-from charlstm.schedule import lr_at
+from charlstm.schedule import dropout_at, lr_at
 from charlstm.threads import Governor, single_threaded_kernels
 from charlstm.validate import validation_loss
 
@@ -125,7 +125,7 @@ class Trainer:
         x, y = self.batcher.window(k)
         share = slice(self.streams.start, self.streams.stop)
         if cfg.dropout > 0:  # this step's masks: a function of (seed, step), so resume needs nothing saved
-            fill_masks(self.ws.masks, cfg.dropout, cfg.seed, s.step,
+            fill_masks(self.ws.masks, dropout_at(cfg, s.step, self.windows_per_epoch), cfg.seed, s.step,
                        (self.streams.start, len(self.streams), cfg.batch_size))
         loss = self.governor.run(lambda: train_step(s.params, self.grads, s.optim_state, self.ws, x, y, s.h[:, share],
                                                     s.c[:, share], cfg, s.step + 1, self.lr, self.reduce))
@@ -314,7 +314,7 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, qui
                         "or choose another --run")
     folder = RunFolder(out / run)
     rng = np.random.default_rng(cfg.seed)
-    params = ckpt.params.copy() if init_from else init_params(model_cfg, rng)
+    params = ckpt.params.copy() if init_from else init_params(model_cfg, rng, cfg.init)
     shape = (model_cfg.layers, cfg.batch_size, model_cfg.hidden)
     state = State(params, new_state(cfg.optim, params), np.zeros(shape, model_cfg.dtype), np.zeros(shape, model_cfg.dtype),
                   rng_state=rng.bit_generator.state)
@@ -324,14 +324,14 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, qui
 def kernels_cached(ws):
     """Whether the kernels training with workspace ws runs are in Numba's disk cache (so no
     compile is coming)."""
-    from charlstm import kernels, stream_kernels
+    from charlstm import recurrent, stream_kernels
     from charlstm.jit import is_cached
 
     if network.one_stream(ws):
         blocks = stream_kernels.blocks_for(ws.WhT.nbytes)
         return is_cached(stream_kernels.lstm_forward_one.for_blocks(blocks),
                          stream_kernels.lstm_backward_one.for_blocks(blocks))
-    return is_cached(kernels.lstm_forward, kernels.lstm_backward)
+    return is_cached(recurrent.forward_streams, recurrent.backward_streams)
 
 
 def summary(trainer, total_steps, deadline_s):

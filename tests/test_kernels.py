@@ -3,7 +3,7 @@ L = 1 and 2, peepholes on and off, B = 1 and > 1, T = 1 and > 1, float64 and flo
 import numpy as np
 import pytest
 
-from charlstm import jit, kernels, network, stream_kernels
+from charlstm import jit, kernels, network, packed, recurrent, stream_kernels
 from charlstm.config import ModelConfig
 from charlstm.model import init_params, param_count, views
 
@@ -46,6 +46,68 @@ def run_network(config, params, x, y, h0, c0, masks=None):
 def test_kernels_match_reference(layers, peepholes, B, T, dtype, tol):
     case = random_case(layers, peepholes, B, T, dtype)
     assert_matches_reference(case, run_network(*case), tol)
+
+
+# The engine's edges: H not a multiple of the vector width (100, 37), B not a multiple of the
+# micro-kernel's rows and more than one block of them (7, 19), three layers.
+ENGINE = [(1, False, 7, 100), (2, True, 7, 100), (3, True, 19, 37), (3, False, 19, 37), (2, False, 2, 16)]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("layers,peepholes,B,H", ENGINE)
+def test_engine_matches_reference(monkeypatch, layers, peepholes, B, H, dtype, tol):
+    """The packed micro-kernel and fused gates (recurrent.py) against the NumPy reference, with
+    dropout, on one thread and on the team's shares, which give the very same bits."""
+    from charlstm.threads import team
+
+    case = random_case(layers, peepholes, B, 5, dtype, hidden=H)
+    masks = random_masks(case[0], B, 5, p=0.3, seed=2)
+    monkeypatch.setattr(team, "size", 1)
+    alone = run_network(*case, masks=masks)
+    monkeypatch.setattr(team, "size", 2)
+    monkeypatch.setattr(team, "most", max(team.most, 2))
+    shared = run_network(*case, masks=masks)
+    assert_matches_reference(case, shared, tol, masks)
+    for ours, theirs in zip(shared, alone):
+        assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("rows", range(1, 9))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_block_product_is_a_product(rows, dtype):
+    """The micro-kernel for every row count, at offsets and strides, against NumPy in float64: each
+    of PANELS panels of K x W is a slice of one matrix."""
+    rng = np.random.default_rng(rows)
+    W, K = packed.lanes(dtype), 13
+    x = rng.standard_normal((rows + 2, K + 3)).astype(dtype)
+    w = rng.standard_normal((packed.PANELS + 1, K, W)).astype(dtype)
+    out = np.zeros((rows + 1, 3 * W * packed.PANELS), dtype)
+    packed.block_product(x.reshape(-1), (K + 3) + 2, K + 3, rows, w.reshape(-1), K * W, K * W, K,
+                         out.reshape(-1), out.shape[1] + W, out.shape[1], 2 * W)
+    want = x[1:1 + rows, 2:2 + K].astype(np.float64) @ w[1:1 + packed.PANELS].astype(np.float64)  # (P, rows, W)
+    for p in range(packed.PANELS):
+        got = out[1:1 + rows, W + 2 * W * p:W + 2 * W * p + W]
+        assert np.allclose(got, want[p], rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-5)
+    untouched = np.ones(out.shape, bool)
+    for p in range(packed.PANELS):
+        untouched[1:1 + rows, W + 2 * W * p:W + 2 * W * p + W] = False
+    assert not out[untouched].any()
+
+
+def test_packings_hold_wh():
+    """Every entry of the forward and backward packings is Wh's, and the padding units are zero."""
+    H, dtype = 37, "float32"
+    Wh = np.random.default_rng(0).standard_normal((4 * H, H)).astype(dtype)
+    fwd_shape, bwd_shape, _ = packed.packed_shapes(H, dtype)
+    Wf = packed.pack_forward(Wh, np.full(fwd_shape, np.nan, dtype))
+    Wb = packed.pack_backward(Wh, np.full(bwd_shape, np.nan, dtype))
+    W = packed.lanes(dtype)
+    unit = np.arange(fwd_shape[0] * W)
+    for q in range(4):  # Wf[u, q, k, j] = Wh[q*H + u*W + j, k]
+        rows = Wf[:, q].transpose(0, 2, 1).reshape(-1, H)  # (units, H)
+        assert np.array_equal(rows[unit < H], Wh[q * H:(q + 1) * H]) and not rows[unit >= H].any()
+    cols = Wb.transpose(1, 0, 2).reshape(4 * H, -1)  # Wb[u, k, j] = Wh[k, u*W + j]
+    assert np.array_equal(cols[:, :H], Wh) and not cols[:, H:].any()
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
@@ -120,15 +182,17 @@ def test_second_call_compiles_nothing_new():
     for dtype in ("float32", "float64"):
         case = random_case(2, True, 3, 4, dtype)
         run_network(*case)
-    counts = {name: len(getattr(kernels, name).signatures) for name in _kernel_names()}
+    counts = _signature_counts()
     for dtype in ("float32", "float64"):
         run_network(*random_case(2, True, 3, 4, dtype, seed=1))
-    assert counts == {name: len(getattr(kernels, name).signatures) for name in _kernel_names()}
-    assert counts["lstm_forward"] == 2  # one float32 and one float64 specialization, nothing else
+    assert counts == _signature_counts()
+    assert counts["recurrent.forward_streams"] == 2  # one float32 and one float64 specialization, nothing else
 
 
-def _kernel_names():
-    return [n for n in dir(kernels) if hasattr(getattr(kernels, n), "signatures")]
+def _signature_counts():
+    return {f"{module.__name__.split('.')[-1]}.{name}": len(getattr(module, name).signatures)
+            for module in (kernels, recurrent, packed) for name in dir(module)
+            if hasattr(getattr(module, name), "signatures")}
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 24), (24, 7), (65, 1024), (1030, 33)])

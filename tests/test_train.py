@@ -180,7 +180,7 @@ def test_sigint_saves_and_resume_matches_straight_run(tmp_path, corpus, run_cli)
 def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
     """B = 1 trains with the one-stream kernels, B > 1 with the batch ones: "compiling kernels"
     must be decided on the ones this run calls."""
-    from charlstm import jit, kernels, stream_kernels, train
+    from charlstm import jit, recurrent, stream_kernels, train
     from charlstm.config import ModelConfig
 
     asked = []
@@ -189,4 +189,4 @@ def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
     train.kernels_cached(network.Workspace(config, 1, 5))
     train.kernels_cached(network.Workspace(config, 3, 5))
     assert asked == [(stream_kernels.lstm_forward_one.serial, stream_kernels.lstm_backward_one.serial),
-                     (kernels.lstm_forward, kernels.lstm_backward)]
+                     (recurrent.forward_streams, recurrent.backward_streams)]

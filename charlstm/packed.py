@@ -1,0 +1,188 @@
+"""The packed per-step product: Wh laid out once per optimizer step for a register-blocked
+micro-kernel, which the recurrent kernels (recurrent.py) call at every step.
+
+Per step, a layer needs z = h_{t-1} @ Wh.T, (B, H)(H, G), forward and dh_{t-1} = dA_t @ Wh,
+(B, G)(G, H), backward. BLAS re-packs Wh for every such call; here Wh is packed once per window
+into panels of LANES columns (one vector register: 16 floats with AVX-512, 8 with AVX2; half as
+many doubles), each panel K-major so the micro-kernel reads it as one contiguous stream:
+
+    forward   Wf (U, 4, H, LANES)   Wf[u, q, k, j] = Wh[q*H + u*LANES + j, k]
+              the 4 panels of unit block u are gates i, f, o, g of the same LANES units, so one
+              micro-kernel call yields every gate of those units and the cell update can follow
+              while they are in L1.
+    backward  Wb (Ub, G, LANES)     Wb[u, k, j] = Wh[k, u*LANES + j]
+              4 consecutive unit blocks per call (Ub a multiple of 4).
+Units past H are zero rows (H need not be a multiple of LANES); their outputs are never read.
+
+The micro-kernel, `block_product`, computes ROWS x 4 vector accumulators over the whole K loop in
+registers: out[m, p, :] = sum_k x[m, k] * w[p, k, :], for m < rows <= ROWS rows of x (streams)
+and 4 panels. LLVM does not vectorize such loops written in Numba (3-4 GFLOP/s measured, all
+scalar), so it is emitted as LLVM IR through numba.extending.intrinsic: vector loads of the
+panels, a broadcast of each x entry, llvm.fma on <LANES x float>. Every output is a sum over k in
+ascending order by fma, whatever `rows` is, so a stream's result does not depend on which
+streams share its block (or thread): runs are the same bytes for any thread count.
+"""
+import llvmlite.binding as llvm_binding
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from charlstm.jit import kernel
+
+VECTOR_BYTES = 64 if "+avx512f" in llvm_binding.get_host_cpu_features().flatten() else 32
+# A micro-kernel call: ROWS rows of x times PANELS panels. ROWS x PANELS accumulators + PANELS panel
+# vectors + a broadcast fit the 32 zmm registers of AVX-512 (8 x 2 + 3 = 19) or the 16 ymm of AVX2
+# (6 x 2 + 3 = 15; the 6 x 16 floats of SPEC §6's measurement). Per k: PANELS vector loads and
+# ROWS broadcasts feed ROWS x PANELS fmas, so the fmas, not the loads, set the pace.
+ROWS = 8 if VECTOR_BYTES == 64 else 6
+PANELS = 2
+
+
+def lanes(dtype):
+    """Elements per vector register (and per panel row) for a dtype."""
+    return VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+def packed_shapes(H, dtype):
+    """The shapes of the forward and backward packings of an (4H, H) Wh, and the width of a stream's
+    row of scratch: the forward's 4 x U*W pre-activations or the backward's Ub*W dh."""
+    W = lanes(dtype)
+    units = -(-H // W)
+    backward_units = -(-units // PANELS) * PANELS
+    return (units, 4, H, W), (backward_units, 4 * H, W), 4 * backward_units * W
+
+
+@kernel
+def pack_forward(Wh, Wf):
+    """Wf (U, 4, H, W) = Wh (4H, H) in forward panels (module docstring); pad units zero."""
+    U, _, H, W = Wf.shape
+    for u in range(U):
+        for q in range(4):
+            for k in range(H):
+                for j in range(W):
+                    unit = u * W + j
+                    Wf[u, q, k, j] = Wh[q * H + unit, k] if unit < H else 0
+    return Wf
+
+
+@kernel
+def pack_backward(Wh, Wb):
+    """Wb (Ub, G, W) = Wh (G, H) in backward panels (module docstring); pad units zero."""
+    Ub, G, W = Wb.shape
+    H = Wh.shape[1]
+    for u in range(Ub):
+        for k in range(G):
+            row = Wh[k]
+            for j in range(W):
+                unit = u * W + j
+                Wb[u, k, j] = row[unit] if unit < H else 0
+    return Wb
+
+
+# ---------------------------------------------------------------- the micro-kernel, in LLVM IR
+
+def _emit_block_product(context, builder, sig, args, rows):
+    """out[o + m*rs + p*os + j] = sum_k x[xo + m*xs + k] * w[wo + p*ps + k*W + j] for m < rows,
+    p < 4, j < W, k < K; x, w, out are arrays of one float dtype, the rest int64 element counts."""
+    x_ty, _, _, w_ty, _, _, _, out_ty, _, _, _ = sig.args
+    x_arr, x_off, x_stride, w_arr, w_off, panel_stride, K, out_arr, out_off, out_row_stride, out_panel_stride = args
+    fty = context.get_value_type(x_ty.dtype)
+    size = x_ty.dtype.bitwidth // 8
+    W = VECTOR_BYTES // size
+    vty = ir.VectorType(fty, W)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                         f"llvm.fma.v{W}f{size * 8}")
+    x_ptr = context.make_array(x_ty)(context, builder, x_arr).data
+    w_ptr = context.make_array(w_ty)(context, builder, w_arr).data
+    out_ptr = context.make_array(out_ty)(context, builder, out_arr).data
+    i64 = ir.IntType(64)
+    zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * W)
+    x_rows = [builder.gep(x_ptr, [builder.add(x_off, builder.mul(x_stride, ir.Constant(i64, m)))]) for m in range(rows)]
+    w_panels = [builder.gep(w_ptr, [builder.add(w_off, builder.mul(panel_stride, ir.Constant(i64, p)))])
+                for p in range(PANELS)]
+
+    entry = builder.basic_block
+    loop = builder.append_basic_block("k_loop")
+    done = builder.append_basic_block("k_done")
+    builder.cbranch(builder.icmp_signed(">", K, ir.Constant(i64, 0)), loop, done)
+
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    acc = [[builder.phi(vty) for _ in range(PANELS)] for _ in range(rows)]
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    for row in acc:
+        for a in row:
+            a.add_incoming(zero, entry)
+    kW = builder.mul(k, ir.Constant(i64, W))
+    panel = [builder.load(builder.bitcast(builder.gep(w_panels[p], [kW]), vty.as_pointer()), align=size)
+             for p in range(PANELS)]
+    new = []
+    for m in range(rows):
+        scalar = builder.load(builder.gep(x_rows[m], [k]))
+        splat = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(splat, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W))
+        new.append([builder.call(fma, [splat, panel[p], acc[m][p]]) for p in range(PANELS)])
+    k_next = builder.add(k, ir.Constant(i64, 1))
+    body_end = builder.basic_block
+    k.add_incoming(k_next, body_end)
+    for m in range(rows):
+        for p in range(PANELS):
+            acc[m][p].add_incoming(new[m][p], body_end)
+    builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
+
+    builder.position_at_end(done)
+    results = []
+    for m in range(rows):  # phis first: LLVM wants them at the top of the block
+        for p in range(PANELS):
+            result = builder.phi(vty)
+            result.add_incoming(zero, entry)
+            result.add_incoming(new[m][p], body_end)
+            results.append(result)
+    for i, result in enumerate(results):
+        m, p = divmod(i, PANELS)
+        at = builder.add(builder.add(out_off, builder.mul(out_row_stride, ir.Constant(i64, m))),
+                         builder.mul(out_panel_stride, ir.Constant(i64, p)))
+        builder.store(result, builder.bitcast(builder.gep(out_ptr, [at]), vty.as_pointer()), align=size)
+    return context.get_dummy_value()
+
+
+def _block_product_intrinsic(rows):
+    @intrinsic
+    def block_product_rows(typingctx, x, x_off, x_stride, w, w_off, panel_stride, K, out, out_off, out_row_stride,
+                           out_panel_stride):
+        if not all(isinstance(a, types.Array) and a.dtype == x.dtype for a in (x, w, out)):
+            return None
+        sig = types.void(x, types.int64, types.int64, w, types.int64, types.int64, types.int64, out, types.int64,
+                         types.int64, types.int64)
+        return sig, lambda context, builder, sig, args: _emit_block_product(context, builder, sig, args, rows)
+    return block_product_rows
+
+
+_p1, _p2, _p3, _p4, _p5, _p6, _p7, _p8 = [_block_product_intrinsic(rows) for rows in range(1, 9)]
+
+
+@kernel
+def block_product(x, x_off, x_stride, rows, w, w_off, panel_stride, K, out, out_off, out_row_stride, out_panel_stride):
+    """out[out_off + m*out_row_stride + p*out_panel_stride + j] = sum over k < K of
+    x[x_off + m*x_stride + k] * w[w_off + p*panel_stride + k*W + j], for m < rows (1..ROWS),
+    p < PANELS, j < W (module docstring): a block of rows of x times PANELS panels. Offsets and
+    strides count elements of the flat (1-D) arrays; nothing is bounds-checked."""
+    args = (x, x_off, x_stride, w, w_off, panel_stride, K, out, out_off, out_row_stride, out_panel_stride)
+    if rows == 8:
+        _p8(*args)
+    elif rows == 7:
+        _p7(*args)
+    elif rows == 6:
+        _p6(*args)
+    elif rows == 5:
+        _p5(*args)
+    elif rows == 4:
+        _p4(*args)
+    elif rows == 3:
+        _p3(*args)
+    elif rows == 2:
+        _p2(*args)
+    else:
+        _p1(*args)

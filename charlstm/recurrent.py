@@ -1,0 +1,166 @@
+"""The recurrent half of a layer: its time loop over a share of the batch's streams, on Wh packed
+once per window (packed.py), with the gate math fused after each block of the per-step product.
+
+A stream's recurrence needs nothing from any other stream, so a thread that owns streams
+lo..hi-1 runs the whole window for them with no synchronisation at all (threads.Team hands out
+the shares). Within a share, each step runs blocks of ROWS streams: for each block of LANES hidden
+units, the micro-kernel leaves the four gates' pre-activations of those units in `scratch`
+(ROWS x 4 x LANES, in L1), and the nonlinearities and the cell update follow at once.
+
+Shapes (kernels.py's letters): A and gates (T, B, G), h and c (T+1, B, H), tc (T, B, H),
+dH (T, B, H), dA (T, B, G), dh and dc (B, H), peep (3H,) or length 0; Wf and Wb as packed.py.
+The math is kernels.py's docstrings' (reference: tests/reference.py).
+"""
+from charlstm.jit import inline_kernel, kernel, sigmoid, tanh
+from charlstm.packed import PANELS, ROWS, block_product
+
+
+@kernel
+def forward_streams(A, Wf, peep, h, c, tc, lo, hi, scratch):
+    """One layer over the window for streams lo..hi-1.
+
+    A (T, B, G)  in: input term + bias; out: the gates i, f, o, g after their nonlinearity
+    h, c (T+1, B, H)  h[0], c[0] in; h[t+1], c[t+1] out;  tc (T, B, H) out: tanh(c_t)
+    scratch (B, >= 4 * U * W)  the recurrent products, gate-major per stream (rows lo..hi-1 are this call's)"""
+    T, B, G = A.shape
+    H = G // 4
+    U, _, _, W = Wf.shape
+    wf, out, row, width = Wf.reshape(-1), scratch.reshape(-1), scratch.shape[1], U * W
+    peepholes = peep.shape[0] > 0
+    for t in range(T):
+        ht = h[t].reshape(-1)
+        # Panel pairs outside, stream blocks inside: a pair (2 x H x W, 32 KB at H=256 in float32)
+        # stays in L1 while every block of this thread's streams reads it.
+        for p in range(0, 4 * U, PANELS):  # panel p: unit block p // 4, gate p % 4
+            to = (p % 4) * width + (p // 4) * W  # stream s's z for gate q, unit k: scratch[s, q * width + k]
+            for s0 in range(lo, hi, ROWS):
+                block_product(ht, s0 * H, H, min(ROWS, hi - s0), wf, p * H * W, H * W, H, out, s0 * row + to, row, width)
+        for s in range(lo, hi):
+            a, z = A[t, s], scratch[s]
+            # Views, so every index below is a loop counter from 0 (Numba's negative-index check
+            # on an offset index would stop LLVM vectorizing the gate math).
+            gate_views = (a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:],
+                          z[:H], z[width:width + H], z[2 * width:2 * width + H], z[3 * width:3 * width + H])
+            state_views = (c[t, s], c[t + 1, s], h[t + 1, s], tc[t, s])
+            if peepholes:
+                _cell_peep(gate_views, state_views, peep[:H], peep[H:2 * H], peep[2 * H:])
+            else:
+                _cell(gate_views, state_views)
+
+
+@inline_kernel
+def _cell(gate_views, state_views):
+    """n units of one stream at one step. gate_views: the input terms a_i, a_f, a_o, a_g (n,) (out:
+    the gates) and the product's z_i, z_f, z_o, z_g (n,); state_views: c_{t-1}, c_t, h_t, tanh(c_t)."""
+    ai, af, ao, ag, zi, zf, zo, zg = gate_views
+    c_prev, c_new, h_new, tc_new = state_views
+    for j in range(ai.shape[0]):
+        i = sigmoid(ai[j] + zi[j])
+        f = sigmoid(af[j] + zf[j])
+        o = sigmoid(ao[j] + zo[j])
+        g = tanh(ag[j] + zg[j])
+        cell = f * c_prev[j] + i * g
+        tanh_c = tanh(cell)
+        ai[j], af[j], ao[j], ag[j] = i, f, o, g
+        c_new[j], tc_new[j], h_new[j] = cell, tanh_c, o * tanh_c
+
+
+@inline_kernel
+def _cell_peep(gate_views, state_views, p_i, p_f, p_o):
+    """_cell with peepholes p_i, p_f, p_o (n,): i and f see c_{t-1}, o sees the new c_t."""
+    ai, af, ao, ag, zi, zf, zo, zg = gate_views
+    c_prev, c_new, h_new, tc_new = state_views
+    for j in range(ai.shape[0]):
+        i = sigmoid(ai[j] + zi[j] + p_i[j] * c_prev[j])
+        f = sigmoid(af[j] + zf[j] + p_f[j] * c_prev[j])
+        g = tanh(ag[j] + zg[j])
+        cell = f * c_prev[j] + i * g
+        o = sigmoid(ao[j] + zo[j] + p_o[j] * cell)
+        tanh_c = tanh(cell)
+        ai[j], af[j], ao[j], ag[j] = i, f, o, g
+        c_new[j], tc_new[j], h_new[j] = cell, tanh_c, o * tanh_c
+
+
+@kernel
+def backward_streams(gates, c, tc, peep, Wb, dH, dA, dh, dc, lo, hi, scratch):
+    """Truncated BPTT through one layer over the window for streams lo..hi-1, t = T-1 down to 0.
+
+    dH (T, B, H)  in: dloss/dh_t from above; out: the total dloss/dh_t
+    dA (T, B, G)  out: dloss/d(gate pre-activations)
+    dh, dc (B, H) in: the gradient arriving from after the window; out: dloss/dh_0, dloss/dc_0
+    scratch (B, >= Ub * W)  dloss/dh_t through Wh per stream (rows lo..hi-1 are this call's)
+    Step t's dloss/dh_t from step t+1 is dA[t+1] @ Wh, made for this call's streams, and step t's
+    gate gradients follow while it is in cache."""
+    T, B, G = gates.shape
+    H = G // 4
+    Ub, _, W = Wb.shape
+    wb = Wb.reshape(-1)
+    peepholes = peep.shape[0] > 0
+    for t in range(T - 1, -1, -1):
+        if t < T - 1:
+            _dh_products(dA[t + 1], lo, hi, wb, Ub, W, G, scratch)
+        else:  # from after the window: the dh given
+            for s in range(lo, hi):
+                scratch[s, :H] = dh[s]
+        for s in range(lo, hi):
+            gs, das = gates[t, s], dA[t, s]
+            gate_views = (gs[:H], gs[H:2 * H], gs[2 * H:3 * H], gs[3 * H:],
+                          das[:H], das[H:2 * H], das[2 * H:3 * H], das[3 * H:])
+            state_views = (c[t, s], tc[t, s], dH[t, s], dc[s], scratch[s, :H])
+            if peepholes:
+                _cell_grad_peep(gate_views, state_views, peep[:H], peep[H:2 * H], peep[2 * H:])
+            else:
+                _cell_grad(gate_views, state_views)
+    _dh_products(dA[0], lo, hi, wb, Ub, W, G, scratch)  # dloss/dh_0 = dA[0] @ Wh, for the caller
+    for s in range(lo, hi):
+        dh[s] = scratch[s, :H]
+
+
+@inline_kernel
+def _dh_products(dA_t, lo, hi, wb, Ub, W, G, scratch):
+    """scratch[s, :Ub*W] = dA_t[s] @ Wh for streams lo..hi-1, PANELS unit blocks a call."""
+    flat, out, row = dA_t.reshape(-1), scratch.reshape(-1), scratch.shape[1]
+    for u in range(0, Ub, PANELS):
+        for s0 in range(lo, hi, ROWS):
+            block_product(flat, s0 * G, G, min(ROWS, hi - s0), wb, u * G * W, G * W, G, out, s0 * row + u * W, row, W)
+
+
+@inline_kernel
+def _cell_grad(gate_views, state_views):
+    """n units of one stream at one step. gate_views: the gates i, f, o, g (n,) and their gradients
+    da_i, da_f, da_o, da_g (n,) out; state_views: c_{t-1}, tanh(c_t), dH_t (in: from above; out:
+    the total), dc (in: dloss/dc_t from step t+1; out: dloss/dc_{t-1}), and dh_t through Wh."""
+    gi, gf, go, gg, da_i, da_f, da_o, da_g = gate_views
+    c_prev, tcs, dHs, dcs, dh_next = state_views
+    for j in range(gi.shape[0]):
+        dht = dHs[j] + dh_next[j]
+        dHs[j] = dht
+        # forward: h = o * tanh(c)   so: do = dh * tanh(c), dc += dh * o * (1 - tanh(c)^2)
+        o, tct = go[j], tcs[j]
+        da_o[j] = dht * tct * (o - o * o)
+        dct = dcs[j] + dht * o - dht * o * tct * tct
+        # forward: c = f * c_prev + i * g
+        i, f, g = gi[j], gf[j], gg[j]
+        da_i[j] = dct * g * (i - i * i)
+        da_f[j] = dct * c_prev[j] * (f - f * f)
+        da_g[j] = dct * i - dct * i * g * g
+        dcs[j] = dct * f
+
+
+@inline_kernel
+def _cell_grad_peep(gate_views, state_views, p_i, p_f, p_o):
+    """_cell_grad with peepholes p_i, p_f, p_o (n,)."""
+    gi, gf, go, gg, da_i, da_f, da_o, da_g = gate_views
+    c_prev, tcs, dHs, dcs, dh_next = state_views
+    for j in range(gi.shape[0]):
+        dht = dHs[j] + dh_next[j]
+        dHs[j] = dht
+        o, tct = go[j], tcs[j]
+        dao = dht * tct * (o - o * o)
+        da_o[j] = dao
+        dct = dcs[j] + dht * o - dht * o * tct * tct + p_o[j] * dao  # a_o saw c_t through its peephole
+        i, f, g = gi[j], gf[j], gg[j]
+        dai = dct * g * (i - i * i)
+        daf = dct * c_prev[j] * (f - f * f)
+        da_i[j], da_f[j], da_g[j] = dai, daf, dct * i - dct * i * g * g
+        dcs[j] = dct * f + p_i[j] * dai + p_f[j] * daf
