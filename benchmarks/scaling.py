@@ -5,9 +5,13 @@ time a step waits for its reduction, and the ring-allreduce model for N ranks:
 
     t_allreduce(N) = 2 (N-1)/N * bytes / bandwidth + latency,    efficiency(N) = t_step / (t_step + t_allreduce(N))
 
-(the model assumes no overlap of the reduction with backward: the trainer reduces after backward).
+(the model assumes no overlap of the reduction with backward, as --no-overlap runs: one Allreduce
+of the whole buffer after backward. By default the trainer starts each parameter group's sum as
+soon as backward has finished it, the output layer's first, and waits for them all after
+backward; run both to see what the overlap buys).
 
     python benchmarks/scaling.py                       # 2x256, 25 streams per rank, T=50, 30 s each
+    python benchmarks/scaling.py --no-overlap          # one Allreduce after backward
     python benchmarks/scaling.py --hidden 16 --layers 1 --streams 2 --seq-length 8 --seconds 3 --netns
 
 The emulated hosts: namespaces charlstm-a and charlstm-b (10.199.0.1 and .2 on a veth pair, each
@@ -57,6 +61,7 @@ def worker(a):
         shape = (a.layers, cfg.batch_size, a.hidden)
         state = State(params, np.zeros_like(params), np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         trainer = RankTrainer(job, model, cfg, corpus, FollowerFolder(cache), state, lambda msg: None)
+        trainer.reduce.overlap = a.overlap
         for _ in range(3):  # compile (or load) the kernels, warm the caches
             trainer.step()
         small = np.zeros(1)
@@ -96,7 +101,8 @@ def launch(a, ranks, prefix=(), mpi_options=()):
 
 def worker_args(a):
     return [str(v) for v in ["--corpus", a.corpus, "--hidden", a.hidden, "--layers", a.layers, "--streams", a.streams,
-            "--seq-length", a.seq_length, "--dropout", a.dropout, "--seconds", a.seconds, "--threads", a.threads]]
+            "--seq-length", a.seq_length, "--dropout", a.dropout, "--seconds", a.seconds, "--threads", a.threads,
+            "--overlap" if a.overlap else "--no-overlap"]]
 
 
 def sh(*cmd):
@@ -144,7 +150,8 @@ def ring_ms(ranks, grad_bytes, bytes_per_s, latency_ms):
 def report(a, rows):
     one = rows[0][1]
     print(f"model {a.layers}x{a.hidden}, {a.streams} streams x {a.seq_length} steps per rank, {a.threads} thread(s) "
-          f"per rank, dropout {a.dropout}; gradients {one['grad_bytes'] / 1e6:.2f} MB per step")
+          f"per rank, dropout {a.dropout}; gradients {one['grad_bytes'] / 1e6:.2f} MB per step, summed "
+          f"{'by parameter group during backward' if a.overlap else 'in one Allreduce after backward'}")
     print(f"{'setting':<28} {'ranks':>5} {'chars/s':>10} {'step ms':>8} {'wait ms':>8} {'efficiency':>10}")
     for name, r in rows:
         eff = r["chars_per_s"] / (r["ranks"] * one["chars_per_s"])
@@ -177,6 +184,9 @@ def main():
     p.add_argument("--seconds", type=float, default=30.0, help="timed seconds per setting")
     p.add_argument("--threads", type=int, default=1, help="threads per rank")
     p.add_argument("--gbit", type=float, default=1.0, help="rate of the emulated link")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="sum each parameter group's gradients as backward finishes it (--no-overlap: one "
+                        "Allreduce after backward)")
     p.add_argument("--netns", action=argparse.BooleanOptionalAction, default=None,
                    help="also run across two network namespaces (default: when root and `ip` are there)")
     a = p.parse_args()

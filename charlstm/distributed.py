@@ -4,13 +4,17 @@ train on the same B streams, with the work split over N ranks (processes, on one
     streams    rank r trains streams [r*b, (r+1)*b) of the B, b = B / N (N must divide B), on its
                own Workspace; the state's h and c are (L, B, H) on every rank, each rank keeping
                its own share current, and rank 0 gathers the others' shares before it saves.
-    reduction  after backward, one Allreduce sums the ranks' flat gradient buffers (params'
-               layout) and one small one their losses and stop votes. Each rank's gradient is
-               the mean over its b*T positions, so the sum / N is one process's mean over B*T;
-               it is formed before the NaN check, clipping (a global norm must see the global
-               gradient) and Adagrad, so every rank applies the same update. Params and Adagrad's
-               memory start as rank 0's (broadcast), so all ranks hold the same bits at every
-               step; a checksum compared every CHECK_EVERY steps and at every save says so.
+    reduction  a small Iallreduce started before backward sums the ranks' losses and stop
+               votes; during backward, one Iallreduce per parameter group sums that group's span
+               of the ranks' flat gradient buffers (params' layout), started as soon as backward
+               has finished the group (out, then the layers top down), so the sums travel while
+               backward computes the layers below; all are waited for after backward (Reduction).
+               Each rank's gradient is the mean over its b*T positions, so the sum / N is one
+               process's mean over B*T; it is formed before the NaN check, clipping (a global
+               norm must see the global gradient) and Adagrad, so every rank applies the same
+               update. Params and Adagrad's memory start as rank 0's (broadcast), so all ranks
+               hold the same bits at every step; a checksum compared every CHECK_EVERY steps and
+               at every save says so.
     agreement  a rank waiting in a collective for a rank that has left hangs, so every branch
                depends only on what all ranks share: the step count, the reduced loss, the
                summed stop votes (time limit, SIGINT, SIGTERM: mpiexec forwards both signals to
@@ -26,6 +30,7 @@ import sys
 import time
 import traceback
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -35,6 +40,7 @@ from mpi4py import MPI
 
 from charlstm.dropout import fill_masks
 from charlstm.errors import UserError
+from charlstm.model import layout
 from charlstm.optim import scale
 from charlstm.train import Trainer, read_corpus, train_step
 
@@ -56,7 +62,7 @@ class Job:
         self.launcher = f"mpiexec -n {self.size} "
         self.started = False  # setup done: from here on an error in one rank aborts the job
         self.resume_hint = None
-        self.wait_seconds = 0.0  # time spent in the reductions (for benchmarks/scaling.py)
+        self.wait_seconds = 0.0  # time inside the reductions' MPI calls (for benchmarks/scaling.py)
 
     def run(self, train, *args):
         """train(*args, job=self) on this rank: its exit status. Errors before training starts are
@@ -200,6 +206,74 @@ class FollowerFolder:
         pass
 
 
+def group_spans(config):
+    """{group: slice of the flat buffer} for the parameter groups network.backward names to its
+    `ready` hook ("l0", ..., "out"): a group's slots are adjacent in the layout, so its span is one
+    slice."""
+    spans = {}
+    for slot in layout(config):
+        group = slot.name.split(".")[0]
+        spans[group] = slice(spans[group].start if group in spans else slot.offset, slot.offset + slot.size)
+    return spans
+
+
+class Reduction:
+    """train_step's `reduce` on one rank: turns its gradients and loss into the job's means.
+
+    The loss and stop votes go out before backward; each parameter group's gradients go out (an
+    in-place Iallreduce on the group's span of the flat buffer) as soon as backward has finished
+    them, and finish() waits for all. MPICH advances non-blocking collectives only inside MPI
+    calls, so each ready() also tests the sums in flight: a sum moves on at the layer boundaries,
+    and in between only as far as the transport carries it alone (MPICH's progress thread,
+    MPIR_CVAR_ASYNC_PROGRESS, would take a core of its own). With `overlap` off (benchmarks/
+    scaling.py --no-overlap), one Allreduce over the whole buffer after backward instead. Either
+    way every rank receives the same sums (the checksums say so); the two ways may round them
+    differently."""
+
+    def __init__(self, job, config, stop_votes, overlap=True):
+        self.job, self.stop_votes, self.overlap = job, stop_votes, overlap
+        self.spans = group_spans(config)
+        self.votes = np.zeros(1 + len(VOTES))  # the loss, then a vote for each stop reason: this rank's, then summed
+        self.grads, self.requests = None, []
+
+    @contextmanager
+    def _waiting(self):
+        """Counts the time inside MPI calls into job.wait_seconds (for benchmarks/scaling.py)."""
+        start = time.perf_counter()
+        yield
+        self.job.wait_seconds += time.perf_counter() - start
+
+    def begin(self, grads, loss):
+        """Before backward: send this rank's loss and stop votes; grads (P,) is the buffer it fills."""
+        self.grads = grads
+        self.votes[0] = loss
+        self.votes[1:] = self.stop_votes()
+        with self._waiting():
+            self.requests = [self.job.comm.Iallreduce(MPI.IN_PLACE, self.votes, MPI.SUM)]
+
+    def ready(self, group):
+        """backward has finished `group`'s gradients: start their sum, and advance the sums in flight."""
+        if self.overlap:
+            with self._waiting():
+                self.requests.append(self.job.comm.Iallreduce(MPI.IN_PLACE, self.grads[self.spans[group]], MPI.SUM))
+                MPI.Request.Testall(self.requests)
+
+    def finish(self):
+        """After backward: wait for every sum; grads become the job's mean gradient. Returns the job's
+        mean loss."""
+        with self._waiting():
+            if not self.overlap:
+                self.job.comm.Allreduce(MPI.IN_PLACE, self.grads, MPI.SUM)
+            MPI.Request.Waitall(self.requests)
+        scale(self.grads, 1.0 / self.job.size)
+        self.grads, self.requests = None, []
+        return float(self.votes[0]) / self.job.size
+
+    def agreed_stop(self):
+        """The stop reason the last step's summed votes agree on (the first voted for), or None."""
+        return next((name for name, n in zip(VOTES, self.votes[1:]) if n), None)
+
+
 class RankTrainer(Trainer):
     """One rank's Trainer: its share of the streams, the reduction inside each step, and every
     decision (stop, save) taken on what all ranks share."""
@@ -208,31 +282,19 @@ class RankTrainer(Trainer):
         b = cfg.batch_size // job.size
         super().__init__(model_cfg, cfg, corpus, folder, state, say, streams=range(job.rank * b, (job.rank + 1) * b))
         self.job = job
-        self.votes = np.zeros(1 + len(VOTES))  # this rank's loss, then its vote for each stop reason
-        self.agreed_stop = None  # the stop reason the last step's votes agreed on
+        self.reduce = Reduction(job, model_cfg, self.stop_votes)
         self.deadline = None
 
-    def reduce(self, grads, loss):
-        """train_step's hook: grads (P,) become the job's mean gradient and the loss its mean; the
-        stop votes ride along. Returns the job's loss."""
-        comm, votes = self.job.comm, self.votes
-        votes[0] = loss
-        votes[1] = self.deadline is not None and time.monotonic() >= self.deadline
-        votes[2:] = [self.stop_requested == name for name in VOTES[1:]]
-        start = time.perf_counter()
-        request = comm.Iallreduce(MPI.IN_PLACE, votes, MPI.SUM)  # in flight while the gradients reduce
-        comm.Allreduce(MPI.IN_PLACE, grads, MPI.SUM)
-        request.Wait()
-        self.job.wait_seconds += time.perf_counter() - start
-        scale(grads, 1.0 / self.job.size)
-        self.agreed_stop = next((name for name, n in zip(VOTES, votes[1:]) if n), None)
-        return float(votes[0]) / self.job.size
+    def stop_votes(self):
+        """This rank's vote for each of VOTES: its clock passed the deadline, a signal arrived."""
+        return [self.deadline is not None and time.monotonic() >= self.deadline,
+                *(self.stop_requested == name for name in VOTES[1:])]
 
     def stop_reason(self, total_steps, deadline):
         if total_steps is not None and self.state.step >= total_steps:
             return "done"
         self.deadline = deadline  # read by the next step's vote
-        return self.agreed_stop
+        return self.reduce.agreed_stop()
 
     def step(self):
         loss = super().step()

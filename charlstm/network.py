@@ -113,10 +113,13 @@ def loss(params, ws, y):
     return kernels.softmax_xent(ws.top(), w["out.W"], w["out.b"], y.reshape(-1), ws.P)
 
 
-def backward(params, grads, ws, x, dh0=None, dc0=None):
+def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
     """Fill `grads` (same layout as params) with the gradient of the last loss() call.
     Gradients stop at the window's start (truncated BPTT); dh0, dc0 (L, B, H), if given, receive
-    dloss/dh0 and dloss/dc0 (the gradient check uses them)."""
+    dloss/dh0 and dloss/dc0 (the gradient check uses them). ready, if given, is called with a
+    parameter group's name ("out", then "l{L-1}" down to "l0") as soon as backward has written that
+    group's last gradient and will not touch its span of `grads` again (under MPI its sum starts)."""
+    ready = ready or (lambda group: None)
     w, g, cfg = views(params, ws.config), views(grads, ws.config), ws.config
     N, H, G = ws.T * ws.B, cfg.hidden, 4 * cfg.hidden
     dA2, dH2 = ws.dA.reshape(N, G), ws.dH.reshape(N, H)
@@ -125,6 +128,7 @@ def backward(params, grads, ws, x, dh0=None, dc0=None):
     ws.drop_grad(cfg.layers - 1, dH2)
     kernels.weight_grad(ws.P, ws.top(), g["out.W"])
     kernels.column_sums(ws.P, g["out.b"])
+    ready("out")
     for l in reversed(range(cfg.layers)):
         ws.dh[:] = 0
         ws.dc[:] = 0
@@ -154,3 +158,4 @@ def backward(params, grads, ws, x, dh0=None, dc0=None):
             ws.drop_grad(l - 1, dH2)
         if dh0 is not None:
             dh0[l], dc0[l] = ws.dh, ws.dc
+        ready(f"l{l}")

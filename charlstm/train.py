@@ -64,16 +64,20 @@ def train_step(params, grads, optim_state, ws, x, y, h, c, cfg, t, lr, reduce=No
     """Forward, backward, clip and an optimizer step (the t-th, 1-based, at rate lr) on one window
     x, y (T, B) from state h, c (L, B, H), which then holds the window's final state. Returns the
     loss; raises NonFiniteLoss, before touching params, if the loss or gradients are NaN or infinite.
-    Under MPI, reduce(grads, loss) turns this rank's gradients and loss into the whole job's, before
-    they are checked and clipped."""
+    Under MPI, `reduce` (a distributed.Reduction) turns this rank's gradients and loss into the whole
+    job's, before they are checked and clipped: reduce.begin(grads, loss) before backward,
+    reduce.ready(group) from backward as each parameter group's gradients are final, and
+    reduce.finish() after it, which returns the job's loss."""
     # One stream: Numba's threads run the per-step sweeps (stream_kernels), and BLAS threads left
     # spinning between its few batched products would fight them for the 2 cores.
     with blas.limited_to(1) if network.one_stream(ws) else nullcontext():
         network.forward(params, ws, x, h, c)
         loss = network.loss(params, ws, y)
-        network.backward(params, grads, ws, x)
+        if reduce is not None:
+            reduce.begin(grads, loss)
+        network.backward(params, grads, ws, x, ready=None if reduce is None else reduce.ready)
     if reduce is not None:
-        loss = reduce(grads, loss)
+        loss = reduce.finish()
     sumsq = sum_of_squares(grads)
     if not (math.isfinite(loss) and math.isfinite(sumsq)):
         raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'}")
@@ -87,7 +91,7 @@ def train_step(params, grads, optim_state, ws, x, y, h, c, cfg, t, lr, reduce=No
 class Trainer:
     """Trains the streams in `streams` (a range: all B of them, or under MPI one rank's share; the
     state's h and c always hold all B). distributed.RankTrainer adds what ranks must agree on."""
-    reduce = None  # train_step's hook: under MPI, sums the ranks' gradients and losses
+    reduce = None  # train_step's hook: under MPI, a distributed.Reduction summing the ranks' gradients and losses
 
     def __init__(self, model_cfg, train_cfg, corpus, folder, state, say, streams=None):
         self.model_cfg, self.cfg, self.corpus, self.folder, self.state, self.say = (

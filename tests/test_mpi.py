@@ -103,6 +103,35 @@ def test_resume_across_rank_counts(tmp_path, corpus, run_cli):
 
 
 @needs_mpi
+@pytest.mark.parametrize("peepholes,B", [(False, 3), (True, 3), (True, 1)])
+def test_backward_hands_each_group_to_the_reduction_once_final(peepholes, B):
+    """network.backward calls ready(group) for "out", then the layers top down, each when its span
+    of grads (group_spans, which tile the buffer) holds its final values: an Iallreduce in flight
+    on that span would see no later write. B = 1 runs the one-stream kernels."""
+    from charlstm import network
+    from charlstm.distributed import group_spans
+
+    from tests.test_kernels import random_case
+
+    config, params, x, y, h0, c0 = random_case(3, peepholes, B, 5, "float64")
+    spans = group_spans(config)
+    covered = np.zeros(params.size, int)
+    for span in spans.values():
+        covered[span] += 1
+    assert (covered == 1).all()
+    ws = network.Workspace(config, B, 5)
+    xt = np.ascontiguousarray(x.T)
+    network.forward(params, ws, xt, h0, c0)
+    network.loss(params, ws, np.ascontiguousarray(y.T))
+    grads, seen = np.full_like(params, np.nan), {}
+    network.backward(params, grads, ws, xt, ready=lambda group: seen.setdefault(group, grads[spans[group]].copy()))
+    assert list(seen) == ["out", "l2", "l1", "l0"]
+    for group, values in seen.items():
+        np.testing.assert_array_equal(values, grads[spans[group]], err_msg=group)
+    assert not np.isnan(grads).any()
+
+
+@needs_mpi
 def test_batch_that_ranks_do_not_divide_is_one_line(tmp_path, corpus):
     result = mpiexec(4, "train", corpus, *SMALL, "--steps", 2, "--out", tmp_path)
     lines = result.stderr.strip().splitlines()
