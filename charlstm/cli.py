@@ -113,13 +113,15 @@ def cli():
 @click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Gradient clip; 0 is off.")
 @click.option("--clip-mode", type=click.Choice(["value", "norm"]), default="value", show_default=True,
               help="Clip each entry (char-rnn) or the global L2 norm.")
-@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.15, show_default=True,
-              help="Dropout on each layer's output on its way up (not on h -> h); 0 is off.")
-@click.option("--init", type=click.Choice(["fan-in", "char-rnn"]), default="char-rnn", show_default=True,
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.3, show_default=True,
+              help="Dropout on each layer's output on its way up (not on h -> h), reached after "
+                   "--dropout-warmup epochs; 0 is off.")
+@click.option("--init", type=click.Choice(["fan-in", "char-rnn"]), default="fan-in", show_default=True,
               help="Initialisation: fan-in is PyTorch's (all weights and biases in ±1/sqrt(H)); char-rnn is "
                    "weights in ±0.08 and forget bias 1.")
-@click.option("--dropout-warmup", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="EPOCHS",
-              help="Ramp dropout up from 0 over this many epochs (0: full dropout from the start).")
+@click.option("--dropout-warmup", type=click.FloatRange(min=0), default=20.0, show_default=True, metavar="EPOCHS",
+              help="Ramp dropout up in a straight line from 0 to --dropout over this many epochs (0: "
+                   "--dropout from the first step).")
 @click.option("--val-frac", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,
               help="Tail fraction of the corpus held out for validation.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)

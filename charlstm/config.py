@@ -53,9 +53,9 @@ class TrainConfig:
     lr_decay_every: int | None = None
     clip: float = 5.0
     clip_mode: str = "value"
-    dropout: float = 0.15
-    init: str = "char-rnn"  # model.INITS
-    dropout_warmup: float = 0.0  # epochs over which dropout ramps up from 0 (schedule.dropout_at)
+    dropout: float = 0.3  # reached after dropout_warmup epochs
+    init: str = "fan-in"  # model.INITS; measured per step against PyTorch's (README)
+    dropout_warmup: float = 20.0  # epochs over which dropout ramps up from 0 (schedule.dropout_at)
     val_frac: float = 0.05
     seed: int = 0
     steps: int | None = None

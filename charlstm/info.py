@@ -37,7 +37,8 @@ def describe(path, as_json=False):
         f"model        {model.layers}x{model.hidden} LSTM{' with peepholes' if model.peepholes else ''}, "
         f"vocab {model.vocab_size}, {param_count(model):,} parameters, {model.dtype}",
         f"training     batch {train.batch_size} x seq {train.seq_length}, clip {train.clip} ({train.clip_mode}), "
-        f"dropout {train.dropout}, val-frac {train.val_frac}, seed {train.seed}",
+        f"dropout {train.dropout}" + (f" (ramped over {train.dropout_warmup:g} epochs)" if train.dropout_warmup else "")
+        + f", init {train.init}, val-frac {train.val_frac}, seed {train.seed}",
         f"optimizer    {train.recipe()}{_lr_now(m.get('lr'))}",
         f"             state {', '.join(ckpt.optim_state)}: {_size(ckpt.optim_state.values())}",
         f"progress     step {m.get('step', 0):,}, epoch {m.get('epoch', 0)} "

@@ -1,22 +1,32 @@
-"""How many threads repeated work (training steps, eval windows) runs on, chosen by measurement.
+"""Who owns threads: the engine's Team, and the Governor that decides how many threads run.
 
-Two threads splitting one step wait for each other at every barrier (Numba's per-step parfors at
-B = 1, OpenBLAS's per-step products at B > 1). Alone on the machine, two threads are faster. Beside
-another busy process, the thread that loses its core holds the other up at every barrier, and on
-2 cores a step fell to a quarter of its idle speed, where one thread, which needs no partner, keeps
-about 60% (bench at H=256, Intel Xeon 2.8 GHz: B=1 13.1k -> 3.2k chars/s on two threads, 7.9k on
-one; B=32 45.5k -> 13.9k, 20.6k on one). Waiting passively instead of spinning (OMP_WAIT_POLICY,
-OpenBLAS's thread timeout) did not help: it cost up to 3x when idle.
+THE ENGINE'S THREADS. At B > 1 the recurrent loops (recurrent.py) run on `team`: plain Python
+threads, each calling a nogil kernel on a fixed share of the batch's streams for a whole window.
+A stream needs nothing from the others, so a share runs start to end with no synchronisation;
+the team meets once per layer and direction. No BLAS thread pool and no Numba parallel loop runs
+on the per-step path. BLAS runs only the batched products (input projections, logits, weight
+gradients), on the same thread count, and its workers sleep as soon as a product ends
+(OPENBLAS_THREAD_TIMEOUT, set in charlstm/__init__.py) so they never hold a core the team needs.
+One stream (B = 1: training, eval, sampling) has no shares to hand out: its per-step sweeps split
+Wh's units across Numba's threads (stream_kernels.py, jit.threaded_kernel).
+
+HOW MANY. Two threads splitting work wait for each other where they meet. Alone on the machine,
+two threads are faster. Beside another busy process, the thread that loses its core holds the
+other up, and on 2 cores the old per-step barriers fell to a quarter of idle speed, where one
+thread, which needs no partner, kept about 60% (bench at H=256, Intel Xeon 2.8 GHz: B=1 13.1k ->
+3.2k chars/s on two threads, 7.9k on one; B=32 45.5k -> 13.9k, 20.6k on one). Waiting passively
+instead of spinning (OMP_WAIT_POLICY) did not help: it cost up to 3x when idle.
 
 So each thread must earn its place by measurement: `Governor` times the work at its current count
 and, every PROBE_EVERY seconds (longer where probing would take more than PROBE_SHARE of the time)
 or at once when the last few units took twice the usual (another process started), times
 PROBE_UNITS units at the other count and keeps the faster.
 
-Results do not depend on the count (the one-stream kernels keep their unit blocks, set by the
-thread pool's size, whatever runs them; OpenBLAS splits a product by rows and columns, never along
-the summed dimension; tests/test_threads.py checks a run switching counts every step against a
-steady one byte for byte), so switching keeps runs exact.
+Results do not depend on the count (a stream's arithmetic is the same whichever share holds it;
+the one-stream kernels keep their unit blocks, set by the thread pool's size, whatever runs them;
+OpenBLAS splits a product by rows and columns, never along the summed dimension;
+tests/test_threads.py checks a run switching counts every step against a steady one byte for
+byte), so switching keeps runs exact.
 """
 import math
 import queue
@@ -62,13 +72,13 @@ class Team:
         self._done = queue.SimpleQueue()
         self._started = 1
 
-    def shares(self, n, grain):
-        """Split 0..n-1 into at most `size` contiguous shares whose bounds are multiples of grain
-        (the last excepted), as even as that allows: [(lo, hi), ...]."""
-        blocks = -(-n // grain)
-        count = max(1, min(self.size, blocks))
-        bounds = [min(n, round(i * blocks / count) * grain) for i in range(count + 1)]
-        return [(bounds[i], bounds[i + 1]) for i in range(count)]
+    def shares(self, n, most_per_call):
+        """Split 0..n-1 into at most `size` contiguous shares of near-equal size: [(lo, hi), ...].
+        Shares are never smaller than most_per_call unless there is only one (a kernel call on a
+        short share costs nearly what a full one does). Even sizes, not whole calls: at B = 50 with
+        8 rows a call, 25 + 25 (three full calls and a 1-row one each) beat 32 + 18."""
+        count = max(1, min(self.size, n // most_per_call))
+        return [(round(i * n / count), round((i + 1) * n / count)) for i in range(count)]
 
     def run(self, work, shares):
         for slot in range(1, len(shares)):

@@ -347,7 +347,8 @@ def summary(trainer, total_steps, deadline_s):
            f"{param_count(m):,} parameters, {m.dtype}")
     yield (f"{cfg.batch_size} streams x {cfg.seq_length} steps = {cfg.batch_size * cfg.seq_length:,} chars per step, "
            f"{trainer.windows_per_epoch:,} steps per epoch ({n_train:,} chars); {cfg.recipe()}, "
-           f"clip {cfg.clip} ({cfg.clip_mode})" + (f", dropout {cfg.dropout}" if cfg.dropout > 0 else ""))
+           f"clip {cfg.clip} ({cfg.clip_mode})" + (f", dropout {cfg.dropout}" if cfg.dropout > 0 else "")
+           + (f" ramped up over {cfg.dropout_warmup:g} epochs" if cfg.dropout > 0 and cfg.dropout_warmup > 0 else ""))
     stops = []
     if total_steps is not None:
         stops.append(f"at step {total_steps:,}")
