@@ -49,6 +49,7 @@ def worker(a):
     from charlstm.data import load_corpus
     from charlstm.distributed import FollowerFolder, Job, RankTrainer
     from charlstm.model import init_params
+    from charlstm.optim import new_state
     from charlstm.train import State
 
     comm = MPI.COMM_WORLD
@@ -59,7 +60,7 @@ def worker(a):
         cfg = TrainConfig(batch_size=a.streams * job.size, seq_length=a.seq_length, dropout=a.dropout)
         params = init_params(model, np.random.default_rng(0))
         shape = (a.layers, cfg.batch_size, a.hidden)
-        state = State(params, np.zeros_like(params), np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        state = State(params, new_state(cfg.optim, params), np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         trainer = RankTrainer(job, model, cfg, corpus, FollowerFolder(cache), state, lambda msg: None)
         trainer.reduce.overlap = a.overlap
         for _ in range(3):  # compile (or load) the kernels, warm the caches
@@ -180,7 +181,7 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--streams", type=int, default=25, help="streams per rank (the job's B is this times N)")
     p.add_argument("--seq-length", type=int, default=50)
-    p.add_argument("--dropout", type=float, default=0.15)
+    p.add_argument("--dropout", type=float, default=0.3, help="as train's default (ramped up over 20 epochs)")
     p.add_argument("--seconds", type=float, default=30.0, help="timed seconds per setting")
     p.add_argument("--threads", type=int, default=1, help="threads per rank")
     p.add_argument("--gbit", type=float, default=1.0, help="rate of the emulated link")

@@ -3,18 +3,23 @@
 
     python benchmarks/step_profile.py [--threads 2] [--shapes 256x32x64x1 ...]
 
-For each shape H x B x T x L it times, at the given thread count:
-  - one full training step (forward, loss, backward, clip, update), as `charlstm bench` runs it;
-  - the parts of the step: the recurrent loops of every layer (recurrent.py: products, gates and
-    packing, on the team's threads), the dWh products (BLAS), and the rest (softmax, the other
-    batched products, gathers, clipping, the update);
-  - the per-step product alone: the micro-kernel calls of one window's forward and backward
-    recurrent products, on one thread, in GFLOP/s;
-and once per run one core's FMA peak: the micro-kernel on operands that stay in L1 (no memory
-traffic, only fmas), and big-sgemm through the same BLAS on one thread and on all.
+Once per run: one core's FMA peak (the micro-kernel on operands that stay in L1: no memory
+traffic, only fmas) and big sgemm through SciPy's BLAS on one thread and on all.
+For each shape H x B x T x L (dropout 0.3, as the defaults train), at the given thread count:
+  - one full training step (forward, loss, backward, clip, update), as `charlstm bench` runs it,
+    and its parts, timed by wrapping every kernel call the step makes:
+      recurrent   the per-step loops (recurrent.py, or stream_kernels.py at B = 1), gates included
+      batched     the window's products: input terms, logits, weight gradients, dH below, on the
+                  packed micro-kernel (packed.py) or BLAS
+      packing     packing weights and operands into panels, transposes
+      waiting     the calling thread waiting for the team's other threads to finish their shares
+      other       softmax, bias sums, layer 0's gathers, dropout, clipping, the update
+  - the per-step product alone: one window's forward and backward recurrent products on one
+    thread, in GFLOP/s and as a share of the FMA peak.
 Run it on a quiet machine; it prints numbers and asserts nothing.
 """
 import argparse
+import collections
 import os
 import sys
 import time
@@ -22,6 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+CATEGORY = {"forward_streams": "recurrent", "backward_streams": "recurrent", "lstm_forward_one": "recurrent",
+            "lstm_backward_one": "recurrent",
+            "gate_projection": "batched", "rows_times_panels": "batched", "project_input": "batched",
+            "weight_grad": "batched", "matmul": "batched",
+            "pack_forward": "packing", "pack_columns": "packing", "transpose_rows": "packing",
+            "transpose_into": "packing", "transpose_split": "packing"}
 
 
 def timed(fn, reps):
@@ -35,95 +47,119 @@ def timed(fn, reps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--shapes", nargs="*", default=["128x32x64x1", "256x32x64x1", "512x32x64x1", "256x32x64x2",
-                                                     "128x50x50x1", "256x50x50x2"])
+    p.add_argument("--shapes", nargs="*", default=["256x1x64x1", "128x32x64x1", "256x32x64x1", "512x32x64x1",
+                                                     "256x32x64x2", "128x50x50x1", "256x50x50x2"])
     args = p.parse_args()
     from charlstm.cli import set_threads
 
     set_threads(args.threads)
     import numpy as np
 
-    from charlstm import blas, kernels, network, packed
+    from charlstm import kernels, network, packed, recurrent, stream_kernels
+    from charlstm.bench import sgemm_peak
     from charlstm.config import ModelConfig, TrainConfig
+    from charlstm.dropout import fill_masks
     from charlstm.jit import kernel
     from charlstm.model import init_params, views
     from charlstm.optim import new_state
-    from charlstm import recurrent as recurrent_kernels
     from charlstm.threads import team, use
     from charlstm.train import train_step
 
     @kernel
     def products(x, w, out, rows_total, K, panels_total, W, reps):
-        """The window's per-step products as recurrent.py makes them: panel pairs outside, blocks of
-        ROWS rows inside, out (rows_total, panels_total * W)."""
+        """Per-step products as recurrent.py makes them: panel pairs outside, blocks of rows inside."""
         xf, wf, of, row = x.reshape(-1), w.reshape(-1), out.reshape(-1), out.shape[1]
+        blocks = -(-rows_total // packed.ROWS)
         for _ in range(reps):
             for p in range(0, panels_total, packed.PANELS):
-                for s0 in range(0, rows_total, packed.ROWS):
-                    packed.block_product(xf, s0 * K, K, min(packed.ROWS, rows_total - s0), wf, p * K * W, K * W, K,
-                                         of, s0 * row + p * W, row, W)
+                for b in range(blocks):
+                    s0 = b * rows_total // blocks
+                    rows = (b + 1) * rows_total // blocks - s0
+                    packed.block_product(xf, s0 * K, K, rows, wf, p * K * W, K * W, K, of, s0 * row + p * W, row, W)
 
     use(args.threads)
     W = packed.lanes("float32")
     rng = np.random.default_rng(0)
-    # One core's fma peak: 192-deep products on 24 KB of panels (AVX-512), all in L1.
-    K = 192
+    K = 192  # 192-deep products on 24 KB of panels (AVX-512): all in L1
     x = rng.standard_normal((packed.ROWS, K)).astype(np.float32)
     w = rng.standard_normal((packed.PANELS, K, W)).astype(np.float32)
     out = np.zeros((packed.ROWS, packed.PANELS * W), np.float32)
     reps = 50000
-    peak = 2 * packed.ROWS * K * packed.PANELS * W * reps / timed(lambda: products(x, w, out, packed.ROWS, K, packed.PANELS, W, reps), 1) / 1e9
-    blas.set_threads(1)
-    from charlstm.bench import sgemm_peak
-    sgemm1 = sgemm_peak()
-    blas.set_threads(args.threads)
-    sgemm_all = sgemm_peak()
-    print(f"vector width {W} floats, micro-kernel {packed.ROWS}x{packed.PANELS} panels; one core's fma peak "
-          f"(micro-kernel in L1): {peak:.0f} GFLOP/s; big sgemm {sgemm1:.0f} GFLOP/s on 1 thread, "
+    peak = 2 * packed.ROWS * K * packed.PANELS * W * reps / timed(
+        lambda: products(x, w, out, packed.ROWS, K, packed.PANELS, W, reps), 1) / 1e9
+    sgemm1, sgemm_all = sgemm_peak(1), sgemm_peak(args.threads)
+    print(f"vector width {W} floats, micro-kernel {packed.ROWS} rows x {packed.PANELS} panels; one core's fma peak "
+          f"(micro-kernel in L1) {peak:.0f} GFLOP/s; big sgemm {sgemm1:.0f} GFLOP/s on 1 thread, "
           f"{sgemm_all:.0f} on {args.threads}\n")
-    print(f"{'shape HxBxTxL':>14} {'step':>8} {'recurrent loops':>16} {'dWh (BLAS)':>11} {'the rest':>9} "
-          f"{'per-step product, 1 thread':>27} {'% of fma peak':>13}")
+
+    spent = collections.defaultdict(float)
+    for module in (kernels, packed, recurrent, stream_kernels):
+        for name, category in CATEGORY.items():
+            if hasattr(module, name):
+                setattr(module, name, _timing(getattr(module, name), category, spent))
+    team_run = team.run
+
+    def timed_team_run(work, shares):
+        """The calling thread's kernels count in their categories; the time it then waits for the
+        other threads to finish their shares counts as `waiting`."""
+        before, start = sum(spent.values()), time.perf_counter()
+        team_run(work, shares)
+        spent["waiting"] += (time.perf_counter() - start) - (sum(spent.values()) - before)
+    team.run = timed_team_run
+
+    print(f"{'HxBxTxL':>12} {'step':>8} {'recurrent':>10} {'batched':>8} {'packing':>8} {'waiting':>8} {'other':>7}   "
+          f"{'per-step product, 1 thread':>26}")
     vocab = "".join(chr(33 + i) for i in range(65))
     for shape in args.shapes:
         H, B, T, L = map(int, shape.split("x"))
         model = ModelConfig(vocab, hidden=H, layers=L)
-        cfg = TrainConfig(batch_size=B, seq_length=T, dropout=0.0)
+        cfg = TrainConfig(batch_size=B, seq_length=T)
         params = init_params(model, rng)
         grads, state = np.zeros_like(params), new_state(cfg.optim, params)
-        ws = network.Workspace(model, B, T)
+        ws = network.Workspace(model, B, T, dropout=True)
+        fill_masks(ws.masks, cfg.dropout, 0, 1)
         xs = rng.integers(0, 65, (T, B))
         h, c = np.zeros((L, B, H), np.float32), np.zeros((L, B, H), np.float32)
-        step = timed(lambda: train_step(params, grads, state, ws, xs, xs, h, c, cfg, 1, cfg.lr), 10)
-        # The recurrent loops of every layer as the step runs them (products and gates, on the team).
-        w_views, N, G = views(params, model), B * T, 4 * H
-        peep = ws.no_peep
-
-        def loops():
-            for l in range(L):
-                packed.pack_forward(w_views[f"l{l}.Wh"], ws.Wf)
-                team.run(lambda lo, hi, slot: recurrent_kernels.forward_streams(
-                    ws.gates[l], ws.Wf, peep, ws.h[l], ws.c[l], ws.tc[l], lo, hi, ws.scratch), team.shares(B, packed.ROWS))
-                packed.pack_backward(w_views[f"l{l}.Wh"], ws.Wb)
-                team.run(lambda lo, hi, slot: recurrent_kernels.backward_streams(
-                    ws.gates[l], ws.c[l], ws.tc[l], peep, ws.Wb, ws.dH, ws.dA, ws.dh, ws.dc, lo, hi, ws.scratch),
-                    team.shares(B, packed.ROWS))
-        recurrent = timed(loops, 10)
-        batched = timed(lambda: [kernels.weight_grad(ws.dA.reshape(N, G), ws.h[l, :-1].reshape(N, H),
-                                                     views(grads, model)[f"l{l}.Wh"]) for l in range(L)], 10)
-        # The per-step products of one window on one thread: forward (B x H)(H x G), backward (B x G)(G x H).
+        reps = 10
+        one_step = lambda: train_step(params, grads, state, ws, xs, xs, h, c, cfg, 1, cfg.lr)
+        one_step()
+        spent.clear()
+        step = timed(one_step, reps)
+        part = {k: v / (reps + 1) for k, v in spent.items()}  # timed() runs reps + 1 steps
+        other = step - sum(part.values())
+        # One window's per-step products, forward (B x H)(H x G) and backward (B x G)(G x H), one thread.
         fwd_shape, bwd_shape, _ = packed.packed_shapes(H, "float32")
-        Wf = packed.pack_forward(w_views["l0.Wh"], np.zeros(fwd_shape, np.float32))
-        Wb = packed.pack_backward(w_views["l0.Wh"], np.zeros(bwd_shape, np.float32))
+        Wh = views(params, model)["l0.Wh"]
+        Wf = packed.pack_forward(Wh, np.zeros(fwd_shape, np.float32))
+        Wb = packed.pack_columns(Wh, np.zeros(bwd_shape, np.float32), 0, bwd_shape[0])
         hx = rng.standard_normal((B, H)).astype(np.float32)
-        dx = rng.standard_normal((B, G)).astype(np.float32)
+        dx = rng.standard_normal((B, 4 * H)).astype(np.float32)
         zf = np.zeros((B, 4 * fwd_shape[0] * W), np.float32)
         zb = np.zeros((B, bwd_shape[0] * W), np.float32)
         seconds = timed(lambda: (products(hx, Wf, zf, B, H, 4 * fwd_shape[0], W, T),
-                                 products(dx, Wb, zb, B, G, bwd_shape[0], W, T)), 3)
-        gflops = 2 * 2 * B * H * G * T / seconds / 1e9
-        rest = step - recurrent - batched
-        print(f"{shape:>14} {step * 1e3:>6.1f}ms {recurrent * 1e3:>14.1f}ms {batched * 1e3:>9.1f}ms {rest * 1e3:>7.1f}ms "
-              f"{gflops:>20.0f} GFLOP/s {100 * gflops / peak:>12.0f}%", flush=True)
+                                 products(dx, Wb, zb, B, 4 * H, bwd_shape[0], W, T)), 3)
+        gflops = 2 * 2 * B * H * 4 * H * T / seconds / 1e9
+        ms = lambda s: f"{s * 1e3:.1f}"
+        print(f"{shape:>12} {ms(step):>6}ms {ms(part.get('recurrent', 0)):>8}ms {ms(part.get('batched', 0)):>6}ms "
+              f"{ms(part.get('packing', 0)):>6}ms {ms(part.get('waiting', 0)):>6}ms {ms(other):>5}ms   {gflops:>8.0f} GFLOP/s = "
+              f"{100 * gflops / peak:.0f}% of fma peak", flush=True)
+
+
+def _timing(fn, category, spent):
+    """fn, adding its wall time to spent[category] when the main thread calls it (the team's other
+    threads run their shares meanwhile; the main thread's wait for them counts as `waiting`)."""
+    import threading
+
+    main = threading.main_thread()
+
+    def timed_call(*args):
+        if threading.current_thread() is not main:
+            return fn(*args)
+        start = time.perf_counter()
+        result = fn(*args)
+        spent[category] += time.perf_counter() - start
+        return result
+    return timed_call
 
 
 if __name__ == "__main__":

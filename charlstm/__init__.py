@@ -31,9 +31,3 @@ def _choose_blas_kernels():
 
 _choose_blas_kernels()
 
-# OpenBLAS's workers spin for about 0.1 s after each product before they sleep (2^28 cycles). The
-# engine's own threads (threads.Team) start the recurrent loops right after the batched products,
-# and a spinning worker took a core from them: at H=256, B=32 on 2 cores a dWh product followed by
-# the backward loop took 37 ms where the two alone took 24. 2^4 cycles: the workers sleep at once,
-# and the few batched products of a step pay a wake-up each (microseconds). Before OpenBLAS loads.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

@@ -59,14 +59,22 @@ def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, war
     return {"chars_per_s": timed * batch_size * seq_length / elapsed, "gflops": flops / elapsed / 1e9}
 
 
-def sgemm_peak(n=2048, reps=8):
-    """GFLOP/s of a big square float32 product through the same BLAS the kernels call."""
+def sgemm_peak(threads=None, n=2048, reps=8):
+    """GFLOP/s of a big square float32 product through the same BLAS the kernels call, on `threads`
+    threads (default: all cores; charlstm itself keeps BLAS on one, blas.py)."""
+    import os
+
+    from charlstm import blas
     from charlstm.kernels import matmul
 
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    out = np.empty_like(a)
-    matmul(a, a, out)
-    start = time.perf_counter()
-    for _ in range(reps):
+    blas.set_threads(threads or os.cpu_count())
+    try:
+        a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+        out = np.empty_like(a)
         matmul(a, a, out)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+        start = time.perf_counter()
+        for _ in range(reps):
+            matmul(a, a, out)
+        return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+    finally:
+        blas.set_threads(1)

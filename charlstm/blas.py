@@ -1,10 +1,17 @@
-"""The thread count of the BLAS the kernels call (SciPy's OpenBLAS, through Numba's np.dot), read
-and set while running. OPENBLAS_NUM_THREADS is read only when the library loads; this changes it
-later, for the stretches where Numba's own threads should have the cores to themselves.
+"""The BLAS the kernels call (SciPy's OpenBLAS, through Numba's np.dot) runs on one thread, always.
 
-Where the library or its functions are not found (another SciPy build), every call is a no-op.
+THE THREADING RULE (threads.py) gives every thread to charlstm's own: the team's Python threads
+(B > 1) or Numba's (the one-stream sweeps). BLAS runs the products left to it (the logits and
+their gradients, and the batched products where H does not fill whole panel pairs) inside them,
+on the calling thread. Two reasons, both measured: OpenBLAS's workers spin for about 0.1 s after
+each product and took a core from the team (a dWh product followed by the backward loop took 37
+ms where the two alone took 24, at H=256, B=32 on 2 cores); and its results depend on its thread
+count (the weight gradients at B=50, T=50 differ in the last bits on 1 and 2 threads), so a run
+whose thread count the governor changes would not train the same bytes.
+
+OPENBLAS_NUM_THREADS is read only when the library loads; `single_threaded` sets the count after.
+Where the library or its functions are not found (another SciPy build), it does nothing.
 """
-import contextlib
 import ctypes
 import glob
 import os
@@ -28,7 +35,6 @@ def _find_library():
 
 
 _library = _find_library()
-_AT_LOAD = getattr(_library, _GET)() if _library is not None else None  # OPENBLAS_NUM_THREADS's count
 
 
 def threads():
@@ -37,20 +43,9 @@ def threads():
 
 
 def set_threads(n):
-    """Run BLAS on n threads from now on (at most the count it loaded with)."""
+    """Run BLAS on n threads from now on (benchmarks measuring BLAS itself; charlstm keeps 1)."""
     if _library is not None:
-        getattr(_library, _SET)(max(1, min(n, _AT_LOAD)))
+        getattr(_library, _SET)(max(1, n))
 
 
-@contextlib.contextmanager
-def limited_to(n):
-    """Run the block with BLAS on at most n threads, then restore the count."""
-    before = threads()
-    if before is None or before <= n:
-        yield
-        return
-    set_threads(n)
-    try:
-        yield
-    finally:
-        set_threads(before)
+set_threads(1)

@@ -5,6 +5,7 @@ step), with every array preallocated in a Workspace for one (config, B, T).
 """
 import numpy as np
 
+from charlstm import blas  # noqa: F401  (from its import on, BLAS runs on one thread: see blas.py)
 from charlstm import kernels, packed, recurrent, stream_kernels
 from charlstm.model import views
 from charlstm.threads import team
@@ -44,6 +45,9 @@ class Workspace:
         forward_shape, backward_shape, row = packed.packed_shapes(H, config.dtype)
         self.Wf, self.Wb = zeros(*forward_shape), zeros(*backward_shape)  # the layer's Wh, packed (packed.py)
         self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py)
+        # A weight gradient dA^T X is cut by positions across the team (_weight_grad): the shares
+        # after the first sum into these, one each, and are added in order.
+        self.partial = zeros(team.most - 1, G, H)
         self.masks = zeros(L, T * B, H) if dropout else None
         self.dropped = zeros(L, T * B, H) if dropout else None
 
@@ -89,7 +93,8 @@ def forward(params, ws, x, h0, c0):
             kernels.transpose_into(w["l0.Wx"], ws.WxT0)
             kernels.gather_input(ws.WxT0, w["l0.b"], x, ws.gates[0])
         else:
-            kernels.project_input(ws.output_up(l - 1), w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G))
+            X, Wx, b, A = ws.output_up(l - 1), w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G)
+            _by_rows(N, lambda lo, hi: kernels.project_input(X[lo:hi], Wx, b, A[lo:hi]))
         ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
         Wh = w[f"l{l}.Wh"]
         if one_stream(ws):  # matrix-vector steps: our own unit-block sweep beats BLAS
@@ -104,6 +109,34 @@ def forward(params, ws, x, h0, c0):
                                                                     lo, hi, ws.scratch),
                      team.shares(ws.B, packed.ROWS))
         ws.drop(l)
+
+
+# Positions per share of a batched product, at least: below this BLAS's call costs more than half.
+SHARE_ROWS = 64
+
+
+def _by_rows(n, product):
+    """product(lo, hi) for the team's shares of rows 0..n-1: a batched product (BLAS, on one thread
+    in each) cut by the rows of its result."""
+    team.run(lambda lo, hi, slot: product(lo, hi), team.shares(n, SHARE_ROWS))
+
+
+def _pack_columns(M, P):
+    """packed.pack_columns on the team, each thread packing whole panels."""
+    team.run(lambda lo, hi, slot: packed.pack_columns(M, P, lo, hi), team.shares(P.shape[0], 1))
+
+
+def _weight_grad(ws, X, dW):
+    """dW (G, D) = dA^T @ X over the window's N positions, X (N, D): cut by positions across the
+    team, each share's product summed into its own array (the first into dW), then the shares
+    added in order (threads.Team: the same cut and order on any thread count)."""
+    N, G = ws.T * ws.B, 4 * ws.config.hidden
+    dA = ws.dA.reshape(N, G)
+    shares = team.shares(N, SHARE_ROWS)
+    parts = [dW] + [ws.partial[i] for i in range(len(shares) - 1)]
+    team.run(lambda lo, hi, slot: kernels.weight_grad(dA[lo:hi], X[lo:hi], parts[slot]), shares)
+    for part in parts[1:]:
+        dW += part
 
 
 def loss(params, ws, y):
@@ -140,12 +173,12 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
                                              _peep(w, l, ws), ws.WhT, ws.dH.reshape(-1, H), dA2, ws.dh[0], ws.dc[0],
                                              blocks)
         else:
-            packed.pack_backward(Wh, ws.Wb)
+            _pack_columns(Wh, ws.Wb)
             peep = _peep(w, l, ws)
             team.run(lambda lo, hi, slot: recurrent.backward_streams(ws.gates[l], ws.c[l], ws.tc[l], peep, ws.Wb, ws.dH,
                                                                      ws.dA, ws.dh, ws.dc, lo, hi, ws.scratch),
                      team.shares(ws.B, packed.ROWS))
-        kernels.weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"])
+        _weight_grad(ws, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"])
         kernels.column_sums(dA2, g[f"l{l}.b"])
         if cfg.peepholes:
             kernels.peephole_grad(ws.dA, ws.c[l], g[f"l{l}.p"])
@@ -153,8 +186,10 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
             kernels.gather_input_grad(ws.dA, x, ws.dWxT0)
             kernels.transpose_into(ws.dWxT0, g["l0.Wx"])
         else:
-            kernels.weight_grad(dA2, ws.output_up(l - 1), g[f"l{l}.Wx"])
-            kernels.matmul(dA2, w[f"l{l}.Wx"], dH2)  # the layer below's dloss/dh, from its output's use here
+            _weight_grad(ws, ws.output_up(l - 1), g[f"l{l}.Wx"])
+            # the layer below's dloss/dh, from its output's use here: dH = dA @ Wx
+            Wx = w[f"l{l}.Wx"]
+            _by_rows(N, lambda lo, hi: kernels.matmul(dA2[lo:hi], Wx, dH2[lo:hi]))
             ws.drop_grad(l - 1, dH2)
         if dh0 is not None:
             dh0[l], dc0[l] = ws.dh, ws.dc

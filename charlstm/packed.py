@@ -57,10 +57,11 @@ def packed_shapes(H, dtype):
 @kernel
 def pack_forward(Wh, Wf):
     """Wf (U, 4, H, W) = Wh (4H, H) in forward panels (module docstring); pad units zero."""
-    U, _, H, W = Wf.shape
+    U, _, K, W = Wf.shape
+    H = Wh.shape[0] // 4
     for u in range(U):
         for q in range(4):
-            for k in range(H):
+            for k in range(K):
                 for j in range(W):
                     unit = u * W + j
                     Wf[u, q, k, j] = Wh[q * H + unit, k] if unit < H else 0
@@ -68,17 +69,19 @@ def pack_forward(Wh, Wf):
 
 
 @kernel
-def pack_backward(Wh, Wb):
-    """Wb (Ub, G, W) = Wh (G, H) in backward panels (module docstring); pad units zero."""
-    Ub, G, W = Wb.shape
-    H = Wh.shape[1]
-    for u in range(Ub):
-        for k in range(G):
-            row = Wh[k]
+def pack_columns(M, P, lo, hi):
+    """Panels lo..hi-1 of P (Cb, K, W) = the columns of M (K, C) in panels (module docstring's
+    backward packing of Wh, (G, H)): P[u, k, j] = M[k, u*W + j], zero past C. Whole panels, so
+    threads can pack disjoint ranges."""
+    _, K, W = P.shape
+    C = M.shape[1]
+    for u in range(lo, hi):
+        for k in range(K):
+            row, panel_row = M[k], P[u, k]
             for j in range(W):
                 unit = u * W + j
-                Wb[u, k, j] = row[unit] if unit < H else 0
-    return Wb
+                panel_row[j] = row[unit] if unit < C else 0
+    return P
 
 
 # ---------------------------------------------------------------- the micro-kernel, in LLVM IR

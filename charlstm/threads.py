@@ -3,10 +3,9 @@
 THE ENGINE'S THREADS. At B > 1 the recurrent loops (recurrent.py) run on `team`: plain Python
 threads, each calling a nogil kernel on a fixed share of the batch's streams for a whole window.
 A stream needs nothing from the others, so a share runs start to end with no synchronisation;
-the team meets once per layer and direction. No BLAS thread pool and no Numba parallel loop runs
-on the per-step path. BLAS runs only the batched products (input projections, logits, weight
-gradients), on the same thread count, and its workers sleep as soon as a product ends
-(OPENBLAS_THREAD_TIMEOUT, set in charlstm/__init__.py) so they never hold a core the team needs.
+the team meets once per kernel call. The window's batched products run on the team too
+(packed.py). BLAS runs what is left (the logits and their gradients) on one thread, inside the
+caller (blas.py says why).
 One stream (B = 1: training, eval, sampling) has no shares to hand out: its per-step sweeps split
 Wh's units across Numba's threads (stream_kernels.py, jit.threaded_kernel).
 
@@ -24,8 +23,7 @@ PROBE_UNITS units at the other count and keeps the faster.
 
 Results do not depend on the count (a stream's arithmetic is the same whichever share holds it;
 the one-stream kernels keep their unit blocks, set by the thread pool's size, whatever runs them;
-OpenBLAS splits a product by rows and columns, never along the summed dimension;
-tests/test_threads.py checks a run switching counts every step against a steady one byte for
+BLAS always runs on one thread; tests/test_threads.py checks a run switching counts every step against a steady one byte for
 byte), so switching keeps runs exact.
 """
 import math
@@ -38,7 +36,6 @@ from contextlib import contextmanager
 
 import numba
 
-from charlstm import blas
 
 PROBE_EVERY = 2.0  # seconds between probes of the other thread count (the first comes sooner),
 PROBE_SHARE = 0.05  # or more: at most this share of the time goes to probing (a slower count)
@@ -50,63 +47,69 @@ MARGIN = 0.9  # the other count's mean must be this much lower to take over
 
 
 def use(threads):
-    """Run the team, Numba's kernels and BLAS on `threads` threads from now on."""
+    """Run the team and Numba's kernels on `threads` threads from now on (BLAS stays on one)."""
     team.size = max(1, min(threads, team.most))
     numba.set_num_threads(threads)
-    blas.set_threads(threads)
 
 
 class Team:
     """The engine's own threads: plain Python threads, each running a nogil kernel on a fixed share
-    of the work for a whole window (recurrent.py: a share of the batch's streams), so nothing
-    synchronises inside the window and no thread pool spins between calls. The calling thread
-    works the first share; `size - 1` helpers, started once, work the others.
+    of the work for a whole window (recurrent.py: a share of the batch's streams; network.py: a
+    share of a batched product's rows), so nothing synchronises inside a call and no thread pool
+    spins between calls. The calling thread works the first share; `size - 1` helpers, started
+    once, work the others.
 
-    `run(work, shares)` calls work(lo, hi, slot) for each share (lo, hi) on its own thread (slot
-    0 is the caller's) and returns when all are done, raising the first error any raised."""
+    Work is always cut into the same shares, as many as there are threads (`most`), whatever
+    `size` says; with fewer threads running, a thread works several shares in turn. So every call
+    does the very same arithmetic on 1 thread or on all (a product split by positions sums its
+    halves in one order), and a run the governor moves between counts trains the same bytes.
+
+    `run(work, shares)` calls work(lo, hi, slot) for each share (lo, hi), slot being the share's
+    index, and returns when all are done, raising the first error any raised."""
 
     def __init__(self, most):
         self.most = most  # the threads there are (the cores Numba was told of)
         self.size = most  # the threads used now (use() and the Governor set it)
-        self._inbox = [queue.SimpleQueue() for _ in range(most)]
+        self._inbox = [None]  # one queue per helper thread, started when first needed
         self._done = queue.SimpleQueue()
-        self._started = 1
 
-    def shares(self, n, most_per_call):
-        """Split 0..n-1 into at most `size` contiguous shares of near-equal size: [(lo, hi), ...].
-        Shares are never smaller than most_per_call unless there is only one (a kernel call on a
-        short share costs nearly what a full one does). Even sizes, not whole calls: at B = 50 with
-        8 rows a call, 25 + 25 (three full calls and a 1-row one each) beat 32 + 18."""
-        count = max(1, min(self.size, n // most_per_call))
+    def shares(self, n, smallest):
+        """Cut 0..n-1 into at most `most` contiguous shares of near-equal size, none smaller than
+        `smallest` unless there is only one: [(lo, hi), ...]. Even sizes, not whole kernel calls:
+        at B = 50 with 8 rows a call, 25 + 25 beat 32 + 18."""
+        count = max(1, min(self.most, n // smallest))
         return [(round(i * n / count), round((i + 1) * n / count)) for i in range(count)]
 
     def run(self, work, shares):
-        for slot in range(1, len(shares)):
-            self._start(slot)
-            self._inbox[slot].put((work, shares[slot]))
+        threads = max(1, min(self.size, len(shares)))
+        for helper in range(1, threads):
+            self._start(helper)
+            self._inbox[helper].put((work, shares, range(helper, len(shares), threads)))
         error = None
         try:
-            work(*shares[0], 0)
+            for slot in range(0, len(shares), threads):
+                work(*shares[slot], slot)
         except BaseException as e:  # still collect the helpers before raising
             error = e
-        for _ in range(len(shares) - 1):
+        for _ in range(threads - 1):
             helper_error = self._done.get()
             error = error or helper_error
         if error is not None:
             raise error
 
-    def _start(self, slot):
-        while self._started <= slot:
-            threading.Thread(target=self._serve, args=(self._started,), daemon=True,
-                             name=f"charlstm-team-{self._started}").start()
-            self._started += 1
+    def _start(self, helper):
+        while len(self._inbox) <= helper:
+            self._inbox.append(queue.SimpleQueue())
+            threading.Thread(target=self._serve, args=(len(self._inbox) - 1,), daemon=True,
+                             name=f"charlstm-team-{len(self._inbox) - 1}").start()
 
-    def _serve(self, slot):
-        inbox = self._inbox[slot]
+    def _serve(self, helper):
+        inbox = self._inbox[helper]
         while True:
-            work, (lo, hi) = inbox.get()
+            work, shares, slots = inbox.get()
             try:
-                work(lo, hi, slot)
+                for slot in slots:
+                    work(*shares[slot], slot)
                 self._done.put(None)
             except BaseException as e:
                 self._done.put(e)

@@ -8,14 +8,13 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from charlstm import blas, network
+from charlstm import network
 from charlstm.checkpoint import load_checkpoint
 from charlstm.config import ModelConfig
 from charlstm.data import Batcher, file_sha256, load_corpus, split
@@ -68,14 +67,11 @@ def train_step(params, grads, optim_state, ws, x, y, h, c, cfg, t, lr, reduce=No
     job's, before they are checked and clipped: reduce.begin(grads, loss) before backward,
     reduce.ready(group) from backward as each parameter group's gradients are final, and
     reduce.finish() after it, which returns the job's loss."""
-    # One stream: Numba's threads run the per-step sweeps (stream_kernels), and BLAS threads left
-    # spinning between its few batched products would fight them for the 2 cores.
-    with blas.limited_to(1) if network.one_stream(ws) else nullcontext():
-        network.forward(params, ws, x, h, c)
-        loss = network.loss(params, ws, y)
-        if reduce is not None:
-            reduce.begin(grads, loss)
-        network.backward(params, grads, ws, x, ready=None if reduce is None else reduce.ready)
+    network.forward(params, ws, x, h, c)
+    loss = network.loss(params, ws, y)
+    if reduce is not None:
+        reduce.begin(grads, loss)
+    network.backward(params, grads, ws, x, ready=None if reduce is None else reduce.ready)
     if reduce is not None:
         loss = reduce.finish()
     sumsq = sum_of_squares(grads)

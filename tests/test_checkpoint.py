@@ -103,6 +103,9 @@ def test_options_a_manifest_lacks_take_their_value_from_before_they_existed():
     assert TrainConfig().dropout > 0
     assert TrainConfig.from_dict(legacy).dropout == 0.0
     assert TrainConfig.from_dict(TrainConfig(dropout=0.3).to_dict()).dropout == 0.3
+    older = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("init", "dropout_warmup")}
+    assert (TrainConfig().init, TrainConfig().dropout_warmup) == ("fan-in", 20.0)
+    assert (TrainConfig.from_dict(older).init, TrainConfig.from_dict(older).dropout_warmup) == ("char-rnn", 0.0)
 
 
 def test_file_is_a_plain_npz(tmp_path):

@@ -48,24 +48,27 @@ def test_kernels_match_reference(layers, peepholes, B, T, dtype, tol):
     assert_matches_reference(case, run_network(*case), tol)
 
 
-# The engine's edges: H not a multiple of the vector width (100, 37), B not a multiple of the
-# micro-kernel's rows and more than one block of them (7, 19), three layers.
-ENGINE = [(1, False, 7, 100), (2, True, 7, 100), (3, True, 19, 37), (3, False, 19, 37), (2, False, 2, 16)]
+# The engine's edges: H not a multiple of the vector width (100, 37) or a multiple (32, 64), B not
+# a multiple of the micro-kernel's rows and more than one block of them (7, 19), three layers.
+ENGINE = [(1, False, 7, 100), (2, True, 7, 100), (3, True, 19, 37), (3, False, 19, 37), (2, False, 2, 16),
+          (2, True, 19, 32), (3, False, 9, 64), (1, True, 3, 32)]
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("layers,peepholes,B,H", ENGINE)
 def test_engine_matches_reference(monkeypatch, layers, peepholes, B, H, dtype, tol):
-    """The packed micro-kernel and fused gates (recurrent.py) against the NumPy reference, with
-    dropout, on one thread and on the team's shares, which give the very same bits."""
+    """The packed micro-kernel and fused gates (recurrent.py) and the batched products cut across
+    the team, against the NumPy reference, with dropout, on one thread and on two, which give the
+    very same bits."""
     from charlstm.threads import team
 
     case = random_case(layers, peepholes, B, 5, dtype, hidden=H)
     masks = random_masks(case[0], B, 5, p=0.3, seed=2)
+    monkeypatch.setattr(network, "SHARE_ROWS", 4)  # cut even these small batched products in two
+    monkeypatch.setattr(team, "most", max(team.most, 2))
     monkeypatch.setattr(team, "size", 1)
     alone = run_network(*case, masks=masks)
     monkeypatch.setattr(team, "size", 2)
-    monkeypatch.setattr(team, "most", max(team.most, 2))
     shared = run_network(*case, masks=masks)
     assert_matches_reference(case, shared, tol, masks)
     for ours, theirs in zip(shared, alone):
@@ -100,7 +103,7 @@ def test_packings_hold_wh():
     Wh = np.random.default_rng(0).standard_normal((4 * H, H)).astype(dtype)
     fwd_shape, bwd_shape, _ = packed.packed_shapes(H, dtype)
     Wf = packed.pack_forward(Wh, np.full(fwd_shape, np.nan, dtype))
-    Wb = packed.pack_backward(Wh, np.full(bwd_shape, np.nan, dtype))
+    Wb = packed.pack_columns(Wh, np.full(bwd_shape, np.nan, dtype), 0, bwd_shape[0])
     W = packed.lanes(dtype)
     unit = np.arange(fwd_shape[0] * W)
     for q in range(4):  # Wf[u, q, k, j] = Wh[q*H + u*W + j, k]

@@ -3,7 +3,7 @@ options refused in one usage line when they do not go together."""
 import pytest
 
 from charlstm.config import TrainConfig
-from charlstm.schedule import lr_at
+from charlstm.schedule import dropout_at, lr_at
 
 from tests.test_bad_input import one_line_error
 
@@ -57,3 +57,15 @@ def test_bad_recipe_is_one_usage_line(tmp_path, corpus, run_cli, args, words):
     line = one_line_error(result, *words, code=2)
     assert line.endswith("(see 'charlstm train --help')")
     assert not (tmp_path / "out").exists()
+
+
+def test_dropout_ramps_up_in_a_straight_line_then_holds():
+    """--dropout-warmup E: p = P * step / (E * steps per epoch) until it reaches P; 0 means P at once."""
+    cfg = TrainConfig(dropout=0.3, dropout_warmup=2.0)
+    per_epoch = 100
+    assert dropout_at(cfg, 0, per_epoch) == 0.0
+    assert dropout_at(cfg, 50, per_epoch) == pytest.approx(0.3 * 50 / 200, rel=1e-15)
+    assert dropout_at(cfg, 199, per_epoch) < 0.3
+    assert [dropout_at(cfg, s, per_epoch) for s in (200, 201, 10 ** 6)] == [0.3] * 3
+    assert dropout_at(TrainConfig(dropout=0.3, dropout_warmup=0.0), 0, per_epoch) == 0.3
+    assert dropout_at(TrainConfig(dropout=0.0, dropout_warmup=5.0), 123, per_epoch) == 0.0

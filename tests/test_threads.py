@@ -57,11 +57,12 @@ def test_a_surge_triggers_a_probe_at_once(monkeypatch, running):
 
 
 @needs_two
-def test_governor_sets_numba_and_blas_threads():
+def test_governor_sets_the_team_and_numba_threads_and_leaves_blas_on_one():
     threads.use(1)
-    assert numba.get_num_threads() == 1 and blas.threads() in (1, None)
+    assert numba.get_num_threads() == 1 and threads.team.size == 1 and blas.threads() in (1, None)
     threads.use(2)
-    assert numba.get_num_threads() == 2 and blas.threads() in (2, None)
+    assert numba.get_num_threads() == 2 and threads.team.size == min(2, threads.team.most)
+    assert blas.threads() in (1, None)
 
 
 class Alternating(threads.Governor):

@@ -35,7 +35,8 @@ def losses(run_dir):
     return out
 
 
-@pytest.mark.parametrize("options", [["--dropout", "0"], ["--dropout", "0.3"]])
+@pytest.mark.parametrize("options", [["--dropout", "0"], ["--dropout", "0.3"], ["--dropout", "0.3", "--dropout-warmup", "0"],
+                                     ["--dropout", "0.4", "--dropout-warmup", "0.3", "--init", "char-rnn"]])
 def test_resume_is_exact_byte_for_byte(tmp_path, corpus, run_cli, options):
     straight = run_cli("train", corpus, *TINY, *options, "--steps", 40, "--out", tmp_path, "--run", "straight",
                        "--quiet")
@@ -48,6 +49,37 @@ def test_resume_is_exact_byte_for_byte(tmp_path, corpus, run_cli, options):
     assert load_checkpoint(tmp_path / "split" / "latest.npz").manifest["step"] == 40
     straight_losses = losses(tmp_path / "straight")
     assert len(straight_losses) >= 16 and straight_losses == losses(tmp_path / "split")
+
+
+@pytest.mark.parametrize("hidden", [4, 100])
+def test_initialisations(hidden):
+    """fan-in (the default): PyTorch's bounds, ±1/sqrt(H) for weights and the output bias, the sum
+    of two such draws for a layer's bias, peepholes 0; char-rnn: ±0.08, forget bias 1, other
+    biases 0. Both a function of the seed alone."""
+    from charlstm.config import ModelConfig, TrainConfig
+    from charlstm.model import init_params, views
+
+    assert TrainConfig().init == "fan-in"
+    config = ModelConfig("abcdefg", hidden=hidden, layers=2, peepholes=True, dtype="float64")
+    bound = 1 / np.sqrt(hidden)
+    w = views(init_params(config, np.random.default_rng(5), "fan-in"), config)
+    again = init_params(config, np.random.default_rng(5), "fan-in")
+    assert np.array_equal(again, init_params(config, np.random.default_rng(5), "fan-in"))
+    for name, value in w.items():
+        if name.endswith(".p"):
+            assert not value.any()
+        elif name.startswith("l") and name.endswith(".b"):
+            assert np.abs(value).max() <= 2 * bound and np.abs(value).max() > bound / 2
+        else:
+            assert np.abs(value).max() <= bound and value.std() > bound / 3
+            if value.size >= 100:  # fills its range
+                assert np.abs(value).max() > 0.9 * bound
+    w = views(init_params(config, np.random.default_rng(5), "char-rnn"), config)
+    H = hidden
+    for l in range(2):
+        assert np.abs(w[f"l{l}.Wh"]).max() <= 0.08 and np.abs(w[f"l{l}.Wh"]).max() > 0.07
+        b = w[f"l{l}.b"]
+        assert (b[H:2 * H] == 1).all() and not b[:H].any() and not b[2 * H:].any()
 
 
 def test_same_options_same_bytes(tmp_path, corpus, run_cli):
