@@ -27,6 +27,7 @@ train on the same B streams, with the work split over N ranks (processes, on one
                start (a rank killed by a signal takes rank 0 with it before it can say anything).
 """
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -223,18 +224,35 @@ class Reduction:
     The loss and stop votes go out before backward; each parameter group's gradients go out (an
     in-place Iallreduce on the group's span of the flat buffer) as soon as backward has finished
     them, and finish() waits for all. MPICH advances non-blocking collectives only inside MPI
-    calls, so each ready() also tests the sums in flight: a sum moves on at the layer boundaries,
-    and in between only as far as the transport carries it alone (MPICH's progress thread,
-    MPIR_CVAR_ASYNC_PROGRESS, would take a core of its own). With `overlap` off (benchmarks/
-    scaling.py --no-overlap), one Allreduce over the whole buffer after backward instead. Either
-    way every rank receives the same sums (the checksums say so); the two ways may round them
-    differently."""
+    calls, and backward's kernels make none for tens of milliseconds: testing only at the layer
+    boundaries, the sums hardly moved during backward (2x256 over 1 Gbit/s: each step still waited
+    26 ms of the 28 the whole sum takes). So while sums are in flight a small thread tests them
+    every PROGRESS_PERIOD seconds (backward's kernels hold no GIL), which costs next to nothing;
+    MPICH's own progress thread (MPIR_CVAR_ASYNC_PROGRESS) would spin on a core of its own. It
+    needs MPI_THREAD_MULTIPLE (mpi4py's default); without it the sums move at the boundaries only.
+    With `overlap` off (benchmarks/scaling.py --no-overlap), one Allreduce over the whole buffer
+    after backward instead. Either way every rank receives the same sums (the checksums say so);
+    the two ways may round them differently."""
+
+    PROGRESS_PERIOD = 0.0005
 
     def __init__(self, job, config, stop_votes, overlap=True):
         self.job, self.stop_votes, self.overlap = job, stop_votes, overlap
         self.spans = group_spans(config)
         self.votes = np.zeros(1 + len(VOTES))  # the loss, then a vote for each stop reason: this rank's, then summed
         self.grads, self.requests = None, []
+        self.lock = threading.Lock()  # guards requests between the caller and the progress thread
+        self.in_flight = threading.Event()
+        if overlap and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+            threading.Thread(target=self._drive_progress, daemon=True, name="charlstm-mpi-progress").start()
+
+    def _drive_progress(self):
+        while True:
+            self.in_flight.wait()
+            while self.in_flight.is_set():
+                with self.lock:
+                    MPI.Request.Testall(self.requests)
+                time.sleep(self.PROGRESS_PERIOD)
 
     @contextmanager
     def _waiting(self):
@@ -248,20 +266,22 @@ class Reduction:
         self.grads = grads
         self.votes[0] = loss
         self.votes[1:] = self.stop_votes()
-        with self._waiting():
+        with self._waiting(), self.lock:
             self.requests = [self.job.comm.Iallreduce(MPI.IN_PLACE, self.votes, MPI.SUM)]
+        self.in_flight.set()
 
     def ready(self, group):
         """backward has finished `group`'s gradients: start their sum, and advance the sums in flight."""
         if self.overlap:
-            with self._waiting():
+            with self._waiting(), self.lock:
                 self.requests.append(self.job.comm.Iallreduce(MPI.IN_PLACE, self.grads[self.spans[group]], MPI.SUM))
                 MPI.Request.Testall(self.requests)
 
     def finish(self):
         """After backward: wait for every sum; grads become the job's mean gradient. Returns the job's
         mean loss."""
-        with self._waiting():
+        self.in_flight.clear()
+        with self._waiting(), self.lock:
             if not self.overlap:
                 self.job.comm.Allreduce(MPI.IN_PLACE, self.grads, MPI.SUM)
             MPI.Request.Waitall(self.requests)
