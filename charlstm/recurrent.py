@@ -1,11 +1,13 @@
-"""The recurrent half of a layer: its time loop over a share of the batch's streams, on Wh packed
-once per window (packed.py), with the gate math fused after each block of the per-step product.
+"""The recurrent half of a layer, and the gate math: its time loop over a share of the batch's
+streams, on Wh packed once per window (packed.py), the gates computed right after each step's
+products while they are in cache.
 
 A stream's recurrence needs nothing from any other stream, so a thread that owns streams
 lo..hi-1 runs the whole window for them with no synchronisation at all (threads.Team hands out
-the shares). Within a share, each step runs blocks of ROWS streams: for each block of LANES hidden
-units, the micro-kernel leaves the four gates' pre-activations of those units in `scratch`
-(ROWS x 4 x LANES, in L1), and the nonlinearities and the cell update follow at once.
+the shares). At each step the micro-kernel leaves the share's pre-activations (forward) or
+dloss/dh through Wh (backward) in `scratch`, panel pair by panel pair over blocks of up to ROWS
+streams; then the nonlinearities and the cell update (or the gate gradients) run over each
+stream's row, in loops LLVM vectorizes.
 
 Shapes (kernels.py's letters): A and gates (T, B, G), h and c (T+1, B, H), tc (T, B, H),
 dH (T, B, H), dA (T, B, G), dh and dc (B, H), peep (3H,) or length 0; Wf and Wb as packed.py.
