@@ -20,7 +20,7 @@ ONE_STREAM_MAX_BYTES = 2 << 20
 
 class Workspace:
     """Every array one window needs, allocated once. Per layer l (shapes as in kernels.py):
-    gates (L, T, B, G), h and c (L, T+1, B, H), tc (L, T, B, H); shared across layers: z (B, G),
+    gates (L, T, B, G), h and c (L, T+1, B, H), tc (L, T, B, H); shared across layers:
     P (N, V), dA (T, B, G), dH (T, B, H), dh and dc (B, H), layer 0's transposed Wx (V, G), and
     when B = 1 the transposed Wh (H, G) of the layer in backward.
 
@@ -35,7 +35,7 @@ class Workspace:
         self.config, self.B, self.T = config, B, T
         self.gates, self.tc = zeros(L, T, B, G), zeros(L, T, B, H)
         self.h, self.c = zeros(L, T + 1, B, H), zeros(L, T + 1, B, H)
-        self.z, self.P = zeros(B, G), zeros(T * B, V)
+        self.P = zeros(T * B, V)
         self.dA, self.dH = zeros(T, B, G), zeros(T, B, H)
         self.dh, self.dc = zeros(B, H), zeros(B, H)
         self.WxT0, self.dWxT0 = zeros(V, G), zeros(V, G)

@@ -158,7 +158,7 @@ def cell_grad_units(WhT, dz_next, gates, c_prev, tc, peep, dHt, dh, dc, dz, lo, 
 
 @threaded_kernel
 def lstm_forward_one(A, Wh, peep, h, c, tc, blocks):
-    """One layer of one stream over T steps: kernels.lstm_forward with B = 1 (training), and a
+    """One layer of one stream over T steps: recurrent.forward_streams with B = 1 (training), and a
     window of a scored file (eval).
 
     A    (T, G)    in: input term + bias per step; out: the gates after their nonlinearity
@@ -177,7 +177,7 @@ def lstm_forward_one(A, Wh, peep, h, c, tc, blocks):
 
 @threaded_kernel
 def lstm_backward_one(gates, c, tc, peep, WhT, dH, dA, dh, dc, blocks):
-    """kernels.lstm_backward for one stream (B = 1): gates, dA (T, G), c (T+1, H), tc, dH (T, H),
+    """recurrent.backward_streams for one stream (B = 1): gates, dA (T, G), c (T+1, H), tc, dH (T, H),
     dh, dc (H,), and WhT (H, G) = Wh.T, which the caller transposes once per window
     (transpose_split); blocks as in lstm_forward_one."""
     T, H = gates.shape[0], dh.shape[0]
