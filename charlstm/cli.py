@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from charlstm.config import DEFAULT_LR, OPTIMIZERS
+from charlstm.config import DEFAULT_LR, INITS, OPTIMIZERS
 
 POSITIVE = click.IntRange(min=1)
 UNIT = click.FloatRange(min=0, max=1, max_open=True)  # [0, 1): RMSprop's alpha, Adam's betas
@@ -116,7 +116,7 @@ def cli():
 @click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.3, show_default=True,
               help="Dropout on each layer's output on its way up (not on h -> h), reached after "
                    "--dropout-warmup epochs; 0 is off.")
-@click.option("--init", type=click.Choice(["fan-in", "char-rnn"]), default="fan-in", show_default=True,
+@click.option("--init", type=click.Choice(INITS), default="fan-in", show_default=True,
               help="Initialisation: fan-in is PyTorch's (all weights and biases in ±1/sqrt(H)); char-rnn is "
                    "weights in ±0.08 and forget bias 1.")
 @click.option("--dropout-warmup", type=click.FloatRange(min=0), default=20.0, show_default=True, metavar="EPOCHS",

@@ -12,6 +12,8 @@ CLIP_MODES = ("value", "norm")
 # Adagrad's keeps SPEC's key `adagrad`, so an Adagrad checkpoint holds what version 1 held.
 OPTIMIZER_STATE = {"adagrad": ("adagrad",), "rmsprop": ("rmsprop",), "adam": ("adam_m", "adam_v")}
 OPTIMIZERS = tuple(OPTIMIZER_STATE)
+# model.init_params's schemes (--init); fan-in is the default, measured per step (README).
+INITS = ("fan-in", "char-rnn")
 # --lr when none is given: the project's measured Adagrad rate; char-rnn's and torch-rnn's 2e-3.
 DEFAULT_LR = {"adagrad": 0.02, "rmsprop": 2e-3, "adam": 2e-3}
 
@@ -54,7 +56,7 @@ class TrainConfig:
     clip: float = 5.0
     clip_mode: str = "value"
     dropout: float = 0.3  # reached after dropout_warmup epochs
-    init: str = "fan-in"  # model.INITS; measured per step against PyTorch's (README)
+    init: str = "fan-in"  # one of INITS
     dropout_warmup: float = 20.0  # epochs over which dropout ramps up from 0 (schedule.dropout_at)
     val_frac: float = 0.05
     seed: int = 0

@@ -16,7 +16,6 @@ import numpy as np
 
 INIT_RANGE = 0.08  # char-rnn's uniform(-0.08, 0.08)
 FORGET_BIAS = 1.0  # Gers 1999: start by remembering
-INITS = ("fan-in", "char-rnn")  # --init; the first is the default (README: measured per step)
 
 
 @dataclass(frozen=True)
