@@ -120,9 +120,10 @@ team = Team(numba.config.NUMBA_NUM_THREADS)
 
 @contextmanager
 def single_threaded_kernels():
-    """Run Numba's parallel kernels (validation, samples) on the calling thread only: between the
-    trainer's products OpenBLAS's threads spin on the cores, and fighting them made validation
-    2.5x slower on 2 cores than one thread is."""
+    """Run Numba's parallel kernels (validation, samples) on the calling thread only. Measured when
+    OpenBLAS still ran threads of its own: they spun on the cores between the trainer's products,
+    and fighting them made validation 2.5x slower on 2 cores than one thread was. BLAS now keeps
+    to one thread (blas.py), so two may pay again; not yet measured."""
     count = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
