@@ -8,14 +8,16 @@ traffic, only fmas) and big sgemm through SciPy's BLAS on one thread and on all.
 For each shape H x B x T x L (dropout 0.3, as the defaults train), at the given thread count:
   - one full training step (forward, loss, backward, clip, update), as `charlstm bench` runs it,
     and its parts, timed by wrapping every kernel call the step makes:
-      recurrent   the per-step loops (recurrent.py, or stream_kernels.py at B = 1), gates included
+      recurrent   the per-step loops (recurrent.py, or stream_kernels.py at B = 1, which also packs
+                  its share of Wh), gates included
       batched     the window's products: input terms, logits, weight gradients, dH below, on the
                   packed micro-kernel (packed.py) or BLAS
       packing     packing weights and operands into panels, transposes
       waiting     the calling thread waiting for the team's other threads to finish their shares
       other       softmax, bias sums, layer 0's gathers, dropout, clipping, the update
   - the per-step product alone: one window's forward and backward recurrent products on one
-    thread, in GFLOP/s and as a share of the FMA peak.
+    thread, in GFLOP/s and as a share of the FMA peak; at B = 1 (one row: memory-bound) also the
+    rate the packed weights stream in, in GB/s.
 Run it on a quiet machine; it prints numbers and asserts nothing.
 """
 import argparse
@@ -28,12 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CATEGORY = {"forward_streams": "recurrent", "backward_streams": "recurrent", "lstm_forward_one": "recurrent",
-            "lstm_backward_one": "recurrent",
+CATEGORY = {"forward_streams": "recurrent", "backward_streams": "recurrent", "forward_one": "recurrent",
+            "backward_one": "recurrent",
             "gate_projection": "batched", "rows_times_panels": "batched", "project_input": "batched",
             "weight_grad": "batched", "matmul": "batched",
             "pack_forward": "packing", "pack_columns": "packing", "transpose_rows": "packing",
-            "transpose_into": "packing", "transpose_split": "packing"}
+            "transpose_into": "packing"}
 
 
 def timed(fn, reps):
@@ -47,7 +49,7 @@ def timed(fn, reps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--shapes", nargs="*", default=["256x1x64x1", "128x32x64x1", "256x32x64x1", "512x32x64x1",
+    p.add_argument("--shapes", nargs="*", default=["128x1x64x1", "256x1x64x1", "512x1x64x1", "128x32x64x1", "256x32x64x1", "512x32x64x1",
                                                      "256x32x64x2", "128x50x50x1", "256x50x50x2"])
     args = p.parse_args()
     from charlstm.cli import set_threads
@@ -77,6 +79,16 @@ def main():
                     rows = (b + 1) * rows_total // blocks - s0
                     packed.block_product(xf, s0 * K, K, rows, wf, p * K * W, K * W, K, of, s0 * row + p * W, row, W)
 
+    @kernel
+    def one_row(x, w, out, unit_panels, reps):
+        """One stream's per-step products as stream_kernels.py makes them: one row times the panels,
+        `unit_panels` panels a unit block (4 forward: its gates; 1 backward)."""
+        wf = w.reshape(-1)
+        panels, K, W = w.size // (w.shape[-2] * w.shape[-1]), w.shape[-2], w.shape[-1]
+        for _ in range(reps):
+            for p in range(0, panels, unit_panels):
+                packed.row_product(x, 0, wf, p * K * W, K * W, K, out, p * W, W, unit_panels)
+
     use(args.threads)
     W = packed.lanes("float32")
     rng = np.random.default_rng(0)
@@ -97,15 +109,15 @@ def main():
         for name, category in CATEGORY.items():
             if hasattr(module, name):
                 setattr(module, name, _timing(getattr(module, name), category, spent))
-    team_run = team.run
-
-    def timed_team_run(work, shares):
-        """The calling thread's kernels count in their categories; the time it then waits for the
-        other threads to finish their shares counts as `waiting`."""
-        before, start = sum(spent.values()), time.perf_counter()
-        team_run(work, shares)
-        spent["waiting"] += (time.perf_counter() - start) - (sum(spent.values()) - before)
-    team.run = timed_team_run
+    def timing_waits(team_call):
+        def timed_team_call(*args):
+            """The calling thread's kernels count in their categories; the time it then waits for
+            the other threads to finish their shares counts as `waiting`."""
+            before, start = sum(spent.values()), time.perf_counter()
+            team_call(*args)
+            spent["waiting"] += (time.perf_counter() - start) - (sum(spent.values()) - before)
+        return timed_team_call
+    team.run, team.together = timing_waits(team.run), timing_waits(team.together)
 
     print(f"{'HxBxTxL':>12} {'step':>8} {'recurrent':>10} {'batched':>8} {'packing':>8} {'waiting':>8} {'other':>7}   "
           f"{'per-step product, 1 thread':>26}")
@@ -130,19 +142,23 @@ def main():
         # One window's per-step products, forward (B x H)(H x G) and backward (B x G)(G x H), one thread.
         fwd_shape, bwd_shape, _ = packed.packed_shapes(H, "float32")
         Wh = views(params, model)["l0.Wh"]
-        Wf = packed.pack_forward(Wh, np.zeros(fwd_shape, np.float32))
+        Wf = packed.pack_forward(Wh, np.zeros(fwd_shape, np.float32), 0, fwd_shape[0])
         Wb = packed.pack_columns(Wh, np.zeros(bwd_shape, np.float32), 0, bwd_shape[0])
         hx = rng.standard_normal((B, H)).astype(np.float32)
         dx = rng.standard_normal((B, 4 * H)).astype(np.float32)
         zf = np.zeros((B, 4 * fwd_shape[0] * W), np.float32)
         zb = np.zeros((B, bwd_shape[0] * W), np.float32)
-        seconds = timed(lambda: (products(hx, Wf, zf, B, H, 4 * fwd_shape[0], W, T),
-                                 products(dx, Wb, zb, B, 4 * H, bwd_shape[0], W, T)), 3)
+        if B == 1:
+            seconds = timed(lambda: (one_row(hx[0], Wf, zf[0], 4, T), one_row(dx[0], Wb, zb[0], 1, T)), 3)
+        else:
+            seconds = timed(lambda: (products(hx, Wf, zf, B, H, 4 * fwd_shape[0], W, T),
+                                     products(dx, Wb, zb, B, 4 * H, bwd_shape[0], W, T)), 3)
         gflops = 2 * 2 * B * H * 4 * H * T / seconds / 1e9
+        streamed = f" ({(Wf.nbytes + Wb.nbytes) * T / seconds / 1e9:.0f} GB/s)" if B == 1 else ""
         ms = lambda s: f"{s * 1e3:.1f}"
         print(f"{shape:>12} {ms(step):>6}ms {ms(part.get('recurrent', 0)):>8}ms {ms(part.get('batched', 0)):>6}ms "
               f"{ms(part.get('packing', 0)):>6}ms {ms(part.get('waiting', 0)):>6}ms {ms(other):>5}ms   {gflops:>8.0f} GFLOP/s = "
-              f"{100 * gflops / peak:.0f}% of fma peak", flush=True)
+              f"{100 * gflops / peak:.0f}% of fma peak{streamed}", flush=True)
 
 
 def _timing(fn, category, spent):

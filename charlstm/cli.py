@@ -16,17 +16,17 @@ EPS = click.FloatRange(min=0, min_open=True)
 
 
 def set_threads(threads):
-    """Threads for BLAS and Numba. BLAS reads its count when it loads, so this runs before NumPy,
-    SciPy and Numba are imported; in a process that already loaded Numba (tests), its pool size is
-    fixed, so the count is set through numba.set_num_threads instead of the environment."""
+    """Threads for the engine's team (and the cap for BLAS). BLAS reads its count when it loads, so
+    this runs before NumPy, SciPy and Numba are imported, and the team takes its size from
+    NUMBA_NUM_THREADS; in a process that already made its team (tests), the team runs that many."""
     if not threads:
         return
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    if "numba" in sys.modules:
-        import numba
+    if "charlstm.threads" in sys.modules:
+        from charlstm.threads import use
 
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        use(threads)
     else:
         os.environ["NUMBA_NUM_THREADS"] = str(threads)
 

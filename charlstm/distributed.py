@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-import numba
 import numpy as np
 from mpi4py import MPI
 
@@ -43,6 +42,7 @@ from charlstm.dropout import fill_masks
 from charlstm.errors import UserError
 from charlstm.model import layout
 from charlstm.optim import scale
+from charlstm.threads import team
 from charlstm.train import Trainer, read_corpus, train_step
 
 CHECK_EVERY = 100  # steps between comparisons of the ranks' parameter checksums
@@ -150,7 +150,7 @@ class Job:
     def trainer(self, model_cfg, cfg, corpus, folder, state, say):
         trainer = RankTrainer(self, model_cfg, cfg, corpus, folder, state, say)
         self.resume_hint = f"resume with: {self.launcher}charlstm train --resume {folder.latest}"
-        say(f"MPI: {self.size} ranks, {len(trainer.streams)} streams and {numba.get_num_threads()} threads each, "
+        say(f"MPI: {self.size} ranks, {len(trainer.streams)} streams and {team.size} threads each, "
             f"{self.node.Get_size()} ranks on this machine; if the job dies, {self.resume_hint}")
         return trainer
 

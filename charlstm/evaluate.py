@@ -4,7 +4,8 @@ score is the mean over positions 2..N of -log p(char | all earlier chars), in na
 The stream advances layer by layer over windows of WINDOW positions, carrying h and c from one
 window to the next: layer 0's input is a row lookup, the input products of the layers above and
 the output layer (logits, log-softmax, the targets' log-probabilities) are one matrix product per
-window, and only the recurrent product runs step by step (stream_kernels.lstm_forward_one).
+window, and only the recurrent product runs step by step, its units split across the team
+(stream_kernels.forward_one).
 
 The file is read twice in chunks, never whole: pass 1 counts its characters and finds any outside
 the vocabulary (so that an error comes before the work, and the progress bar knows its total);
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from charlstm import kernels, stream_kernels
+from charlstm import kernels, packed, stream_kernels
 from charlstm.jit import is_cached
 from charlstm.data import CHUNK_BYTES, MAX_CODE_POINT, _code_points, _decoder, _open
 from charlstm.errors import UserError
+from charlstm.threads import team
 from charlstm.model import views
 from charlstm.sample import show_chars
 
@@ -58,7 +60,8 @@ class Scorer:
         # h, c (L, window+1, H): row 0 the state carried in, row t+1 the state after step t
         self.h, self.c = np.zeros((L, window + 1, H), dtype), np.zeros((L, window + 1, H), dtype)
         self.A, self.tc = np.zeros((window, G), dtype), np.zeros((window, H), dtype)
-        self.blocks = stream_kernels.blocks_for(self.w["l0.Wh"].nbytes)
+        forward_shape, _, row = packed.packed_shapes(H, dtype)
+        self.Wf, self.z = np.zeros(forward_shape, dtype), np.zeros(row, dtype)  # a layer's Wh packed; products
         self.P = np.zeros((window, V), dtype)
         self.prev = None  # the last id fed: the input that predicts the next one
         self.total, self.count = 0.0, 0  # nats summed in float64, predictions made
@@ -85,7 +88,9 @@ class Scorer:
             if l > 0:
                 kernels.project_input(h[l - 1, 1:], w[f"l{l}.Wx"], w[f"l{l}.b"], A)
             peep = w.get(f"l{l}.p", self.no_peep)
-            stream_kernels.lstm_forward_one(A, w[f"l{l}.Wh"], peep, h[l], c[l], self.tc[:T], self.blocks)
+            Wh, hl, cl, tc = w[f"l{l}.Wh"], h[l], c[l], self.tc[:T]
+            team.together(lambda rank, threads, sync: stream_kernels.forward_one(
+                A, Wh, self.Wf, peep, hl, cl, tc, self.z, rank, threads, team.most, sync))
         self.total += stream_kernels.nll_sum(h[-1, 1:], w["out.W"], w["out.b"], y, self.P[:T])
         self.count += T
         h[:, 0], c[:, 0] = h[:, T], c[:, T]  # carried into the next window
@@ -170,5 +175,4 @@ def report(score, path, as_json=False, skipping=False):
 
 def kernels_cached(config):
     """Whether the scoring kernels are in Numba's disk cache (so no compile is coming)."""
-    blocks = stream_kernels.blocks_for(4 * config.hidden ** 2 * np.dtype(config.dtype).itemsize)  # Wh's bytes
-    return is_cached(stream_kernels.lstm_forward_one.for_blocks(blocks), stream_kernels.nll_sum)
+    return is_cached(stream_kernels.forward_one, stream_kernels.nll_sum)

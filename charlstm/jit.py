@@ -1,29 +1,21 @@
-"""How charlstm compiles its kernels, the rule its threads follow, and the typed math they share.
+"""How charlstm compiles its kernels, and the typed math they share.
 
 `kernel` is njit with the package's flags and a disk cache that fails soft (and is written under a
-file lock, so processes that start together cannot corrupt it). `threaded_kernel` is the one way
-to run work on Numba's threads (see THE THREADING RULE below). `tanh`, `sigmoid` and `like` are
+file lock, so processes that start together cannot corrupt it). `tanh`, `sigmoid` and `like` are
 typed per dtype: in float32 the nonlinearities are rational approximations that vectorize (libm
 calls do not) and `like` keeps scalar constants in float32; float64 keeps the exact functions, for
 the gradient checks.
 
-THE THREADING RULE: a kernel with prange loops (parallel=True) is an entry point, called from
-Python only, never from another kernel; it holds its prange loops itself and calls only plain
-kernels inside them. `threaded_kernel` builds such entry points as Python objects, which Numba
-cannot call from a kernel, so the rule holds by construction (and tests/test_jit.py checks it).
-Why: a cached plain kernel that calls a parallel one, loaded from Numba's disk cache in a fresh
-process, does not bring the parallel runtime's start-up hook with it (Numba keeps the callee's
-`reload_init` in its in-memory library but not in the caller's cache entry), so its first parfor
-jumps into a thread pool that was never launched: SIGSEGV (numba#8578; seen here as `bench
---batch-size 1` dying on its second run, which launching the pool by hand first also avoided,
-confirming the cause). An entry point's own cache entry carries the hook, so loading it starts
-the pool.
+No kernel is parallel (parallel=True): the engine's threads are its own (threads.py). Numba's
+parallel kernels were where its cache crashed: a cached kernel calling a parallel one, loaded in a
+fresh process, jumped into a thread pool that was never launched (numba#8578), and a parfor's body
+cached as optimized a second time rounded differently from the copy the compiling process ran,
+so a cold and a warm run trained different bytes. tests/test_jit.py checks that none exists.
 """
 import fcntl
 import math
 import os
 import sys
-import types as pytypes
 
 import numpy as np
 from numba import njit, types
@@ -178,87 +170,6 @@ def inline_kernel(fn):
     round differently (the one-stream backward did, between a cold and a warm process). Inlined at
     Numba's level there is one copy."""
     return kernel(fn, inline="always")
-
-
-class threaded_kernel:
-    """An entry point whose prange loops split work into `blocks`, its last argument (THE
-    THREADING RULE above). Compiled twice from one source: with parallel=True for blocks > 1, and
-    as a plain kernel (prange is then range) for blocks == 1, which runs in the calling thread with
-    no parallel launch (worth it for small layers). Call it from Python only.
-    """
-
-    def __init__(self, fn):
-        self.__doc__, self.__name__, self.__wrapped__ = fn.__doc__, fn.__name__, fn
-        self.parallel = _run_from_cache(fn, "parallel", parallel=True)
-        self.serial = _run_from_cache(_renamed(fn, fn.__name__ + "_serial"), "serial")  # own cache files
-
-    def __call__(self, *args):
-        return self.for_blocks(args[-1])(*args)
-
-    def for_blocks(self, blocks):
-        """The compiled variant a call with this block count runs."""
-        return self.parallel if blocks > 1 else self.serial
-
-
-def _run_from_cache(fn, variant, **options):
-    """A kernel that runs the machine code in Numba's disk cache even in the process that needed
-    it first: a child process compiles each new signature into the cache, then this one loads it.
-
-    Why: a cold run and a warm run must train the same bytes, and they did not. Numba compiles a
-    parfor's body as its own function and runs that copy in the compiling process, but caches the
-    copy linked into the entry point, which LLVM optimizes a second time; under fastmath's reassoc
-    and contract the two round differently (the one-stream backward at H=192: dA off by 2e-7
-    between a cold and a warm process, every time). Compiling in the same process and then
-    loading does not help: the loaded code's call resolves to the gufunc already in memory.
-    Only entry points may do this: a kernel loaded from the cache carries no LLVM IR, so another
-    kernel could not link it in. `variant` names the attribute of the threaded_kernel it is.
-    """
-    entry = kernel(fn, **options)
-    if not isinstance(getattr(entry, "_cache", None), _SoftCache):
-        return entry  # no disk cache: every process compiles in memory, and all agree
-    compile_here = entry.compile
-
-    def compile_through_cache(sig):
-        if entry._cache.load_overload(sig, entry.targetctx) is None:
-            _compile_in_child(fn.__module__, fn.__name__.removesuffix("_serial"), variant, sig)
-        return compile_here(sig)  # loaded from the cache (or, if the child failed, compiled here)
-
-    entry.compile = compile_through_cache
-    return entry
-
-
-def _compile_in_child(module, name, variant, sig):
-    """Compile module.name.variant for the signature in a fresh process, which saves it to the cache."""
-    import base64
-    import pickle
-    import subprocess
-
-    payload = base64.b64encode(pickle.dumps((module, name, variant, tuple(sig)))).decode()
-    code = f"from charlstm.jit import _compile_from_parent as c; c({payload!r})"
-    # Quiet: a cache the child cannot use is one the parent cannot either, and the parent says so
-    # (once); a child that fails leaves the parent to compile in memory, raising any real error.
-    subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False)
-
-
-def _compile_from_parent(payload):
-    """The child's side of _compile_in_child: compile once, in memory and into the cache."""
-    import base64
-    import importlib
-    import pickle
-
-    module, name, variant, sig = pickle.loads(base64.b64decode(payload))
-    entry = getattr(getattr(importlib.import_module(module), name), variant)
-    kernel_compile = type(entry).compile  # the plain compile, not compile_through_cache
-    kernel_compile(entry, sig)
-
-
-def _renamed(fn, name):
-    """A copy of fn under another name: Numba names its cache files after the qualified name and
-    keys entries by signature only, so two variants of one function need two names."""
-    copy = pytypes.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    copy.__qualname__, copy.__module__, copy.__doc__ = name, fn.__module__, fn.__doc__
-    return copy
 
 
 def is_cached(*dispatchers):

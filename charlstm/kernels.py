@@ -12,8 +12,8 @@ state, and never allocate inside the time loop: workspaces are allocated once by
 
 These are the batched kernels, over all N positions of a window at once: products go to BLAS
 through np.dot (SciPy's BLAS, called from inside Numba). The per-step recurrent loops are
-recurrent.py's (B > 1: our micro-kernel on Wh packed by packed.py, on the threads of
-threads.Team) and stream_kernels.py's (B = 1, eval and sampling). How kernels are compiled, and
+recurrent.py's (B > 1) and stream_kernels.py's (B = 1, eval and sampling), both on our
+micro-kernel over Wh packed by packed.py, on the threads of threads.Team. How kernels are compiled, and
 the dtype-typed tanh/sigmoid/like they use, is in jit.py.
 """
 import math
@@ -28,18 +28,12 @@ from charlstm.jit import kernel, like
 @kernel
 def transpose_into(W, WT):
     """WT = W.T, both C-contiguous: (R, C) -> (C, R). Done once per window so every per-step read
-    is a contiguous row."""
-    transpose_rows(W, WT, 0, W.shape[0])
-
-
-@kernel
-def transpose_rows(W, WT, lo, hi):
-    """WT[:, lo:hi] = W[lo:hi].T, in bands of 8 rows: each band's reads stay in cache and each
-    write is 8 contiguous floats. Measured against 32x32 tiles: 3x faster for the (V, G) gradient
-    of layer 0 (the tiles' writes 4 KB apart alias in cache), 1.1-1.5x for the square-ish ones."""
-    C = W.shape[1]
-    for r0 in range(lo, hi, 8):
-        r1 = min(r0 + 8, hi)
+    is a contiguous row. In bands of 8 rows: each band's reads stay in cache and each write is 8
+    contiguous floats. Measured against 32x32 tiles: 3x faster for the (V, G) gradient of layer 0
+    (the tiles' writes 4 KB apart alias in cache), 1.1-1.5x for the square-ish ones."""
+    R, C = W.shape
+    for r0 in range(0, R, 8):
+        r1 = min(r0 + 8, R)
         for col in range(C):
             for r in range(r0, r1):
                 WT[col, r] = W[r, col]

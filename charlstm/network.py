@@ -11,18 +11,11 @@ from charlstm.model import views
 from charlstm.threads import team
 
 
-# One stream (B = 1) steps through stream_kernels' unit-block sweeps while each thread's share of
-# Wh stays in its core's cache (1 MB of L2 on this machine's Zen 5): measured on 2 cores, at H=256
-# (1 MB) they took 0.75 ms a window against BLAS's 1.33 ms; at H=512 (4 MB, read from L3 either
-# way) BLAS's two threads do as well and also speed the weight gradients.
-ONE_STREAM_MAX_BYTES = 2 << 20
-
-
 class Workspace:
     """Every array one window needs, allocated once. Per layer l (shapes as in kernels.py):
     gates (L, T, B, G), h and c (L, T+1, B, H), tc (L, T, B, H); shared across layers:
     P (N, V), dA (T, B, G), dH (T, B, H), dh and dc (B, H), layer 0's transposed Wx (V, G), and
-    when B = 1 the transposed Wh (H, G) of the layer in backward.
+    the Wh of the layer at work packed forward and backward (packed.py).
 
     With dropout, `masks` (L, N, H) holds this step's dropout masks (charlstm.dropout; the caller
     fills them before forward) and `dropped` (L, N, H) each layer's outputs through its mask, as
@@ -39,12 +32,10 @@ class Workspace:
         self.dA, self.dH = zeros(T, B, G), zeros(T, B, H)
         self.dh, self.dc = zeros(B, H), zeros(B, H)
         self.WxT0, self.dWxT0 = zeros(V, G), zeros(V, G)
-        stepwise = B == 1 and G * H * np.dtype(config.dtype).itemsize <= ONE_STREAM_MAX_BYTES
-        self.WhT = zeros(H, G) if stepwise else zeros(0, G)  # the one-stream backward reads Wh.T
         self.no_peep = zeros(0)
         forward_shape, backward_shape, row = packed.packed_shapes(H, config.dtype)
         self.Wf, self.Wb = zeros(*forward_shape), zeros(*backward_shape)  # the layer's Wh, packed (packed.py)
-        self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py)
+        self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py, stream_kernels.py)
         # A weight gradient dA^T X is cut by positions across the team (_weight_grad): the shares
         # after the first sum into these, one each, and are added in order.
         self.partial = zeros(team.most - 1, G, H)
@@ -74,11 +65,6 @@ class Workspace:
             dH *= self.masks[l]
 
 
-def one_stream(ws):
-    """Whether this window runs the one-stream kernels (and BLAS on one thread: see train_step)."""
-    return ws.B == 1 and ws.WhT.size > 0
-
-
 def _peep(w, l, ws):
     return w.get(f"l{l}.p", ws.no_peep)
 
@@ -96,15 +82,14 @@ def forward(params, ws, x, h0, c0):
             X, Wx, b, A = ws.output_up(l - 1), w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G)
             _by_rows(N, lambda lo, hi: kernels.project_input(X[lo:hi], Wx, b, A[lo:hi]))
         ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
-        Wh = w[f"l{l}.Wh"]
-        if one_stream(ws):  # matrix-vector steps: our own unit-block sweep beats BLAS
+        Wh, peep = w[f"l{l}.Wh"], _peep(w, l, ws)
+        if ws.B == 1:  # one stream: the team splits each step's units and meets once a step
             H = cfg.hidden
-            stream_kernels.lstm_forward_one(ws.gates[l].reshape(-1, G), Wh, _peep(w, l, ws), ws.h[l].reshape(-1, H),
-                                            ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H),
-                                            stream_kernels.blocks_for(Wh.nbytes))
+            A, h, c, tc = ws.gates[l].reshape(-1, G), ws.h[l].reshape(-1, H), ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H)
+            team.together(lambda rank, threads, sync: stream_kernels.forward_one(
+                A, Wh, ws.Wf, peep, h, c, tc, ws.scratch[0], rank, threads, team.most, sync))
         else:
-            packed.pack_forward(Wh, ws.Wf)
-            peep = _peep(w, l, ws)
+            team.run(lambda lo, hi, slot: packed.pack_forward(Wh, ws.Wf, lo, hi), team.shares(ws.Wf.shape[0], 1))
             team.run(lambda lo, hi, slot: recurrent.forward_streams(ws.gates[l], ws.Wf, peep, ws.h[l], ws.c[l], ws.tc[l],
                                                                     lo, hi, ws.scratch),
                      team.shares(ws.B, packed.ROWS))
@@ -165,16 +150,14 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
     for l in reversed(range(cfg.layers)):
         ws.dh[:] = 0
         ws.dc[:] = 0
-        Wh = w[f"l{l}.Wh"]
-        if one_stream(ws):
-            blocks = stream_kernels.blocks_for(Wh.nbytes)
-            stream_kernels.transpose_split(Wh, ws.WhT, blocks)
-            stream_kernels.lstm_backward_one(ws.gates[l].reshape(-1, G), ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H),
-                                             _peep(w, l, ws), ws.WhT, ws.dH.reshape(-1, H), dA2, ws.dh[0], ws.dc[0],
-                                             blocks)
+        Wh, peep = w[f"l{l}.Wh"], _peep(w, l, ws)
+        if ws.B == 1:
+            gates, c, tc = ws.gates[l].reshape(-1, G), ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H)
+            team.together(lambda rank, threads, sync: stream_kernels.backward_one(
+                gates, c, tc, peep, Wh, ws.Wb, dH2, dA2, ws.dh[0], ws.dc[0], ws.scratch[0], rank, threads, team.most,
+                sync))
         else:
             _pack_columns(Wh, ws.Wb)
-            peep = _peep(w, l, ws)
             team.run(lambda lo, hi, slot: recurrent.backward_streams(ws.gates[l], ws.c[l], ws.tc[l], peep, ws.Wb, ws.dH,
                                                                      ws.dA, ws.dh, ws.dc, lo, hi, ws.scratch),
                      team.shares(ws.B, packed.ROWS))

@@ -55,16 +55,26 @@ def packed_shapes(H, dtype):
 
 
 @kernel
-def pack_forward(Wh, Wf):
-    """Wf (U, 4, H, W) = Wh (4H, H) in forward panels (module docstring); pad units zero."""
-    U, _, K, W = Wf.shape
-    H = Wh.shape[0] // 4
-    for u in range(U):
+def pack_forward(Wh, Wf, lo, hi):
+    """Unit blocks lo..hi-1 of Wf (U, 4, >= K, W) = Wh (4H, K) in forward panels (module docstring);
+    pad units zero. Whole unit blocks, so threads can pack disjoint ranges. K is H for Wh; for
+    sampling's fused [Wx | Wh] (4H, 2H) it is 2H (a panel's rows past K are left as they are).
+    Row by row of Wh: its reads stream, and the panel's K lines it writes stay in L1 across a
+    block's W rows (2-4x faster than gathering W rows at each k)."""
+    _, _, _, W = Wf.shape
+    H, K = Wh.shape[0] // 4, Wh.shape[1]
+    for u in range(lo, hi):
         for q in range(4):
-            for k in range(K):
-                for j in range(W):
-                    unit = u * W + j
-                    Wf[u, q, k, j] = Wh[q * H + unit, k] if unit < H else 0
+            panel = Wf[u, q]
+            for j in range(W):
+                unit = u * W + j
+                if unit < H:
+                    row = Wh[q * H + unit]
+                    for k in range(K):
+                        panel[k, j] = row[k]
+                else:
+                    for k in range(K):
+                        panel[k, j] = 0
     return Wf
 
 
@@ -72,23 +82,29 @@ def pack_forward(Wh, Wf):
 def pack_columns(M, P, lo, hi):
     """Panels lo..hi-1 of P (Cb, K, W) = the columns of M (K, C) in panels (module docstring's
     backward packing of Wh, (G, H)): P[u, k, j] = M[k, u*W + j], zero past C. Whole panels, so
-    threads can pack disjoint ranges."""
+    threads can pack disjoint ranges. A whole panel row is a plain copy, which LLVM vectorizes."""
     _, K, W = P.shape
     C = M.shape[1]
     for u in range(lo, hi):
-        for k in range(K):
-            row, panel_row = M[k], P[u, k]
-            for j in range(W):
-                unit = u * W + j
-                panel_row[j] = row[unit] if unit < C else 0
+        if (u + 1) * W <= C:
+            for k in range(K):
+                source, panel_row = M[k, u * W:(u + 1) * W], P[u, k]
+                for j in range(W):
+                    panel_row[j] = source[j]
+        else:
+            for k in range(K):
+                row, panel_row = M[k], P[u, k]
+                for j in range(W):
+                    unit = u * W + j
+                    panel_row[j] = row[unit] if unit < C else 0
     return P
 
 
 # ---------------------------------------------------------------- the micro-kernel, in LLVM IR
 
-def _emit_block_product(context, builder, sig, args, rows):
+def _emit_block_product(context, builder, sig, args, rows, panels):
     """out[o + m*rs + p*os + j] = sum_k x[xo + m*xs + k] * w[wo + p*ps + k*W + j] for m < rows,
-    p < 4, j < W, k < K; x, w, out are arrays of one float dtype, the rest int64 element counts."""
+    p < panels, j < W, k < K; x, w, out are arrays of one float dtype, the rest int64 element counts."""
     x_ty, _, _, w_ty, _, _, _, out_ty, _, _, _ = sig.args
     x_arr, x_off, x_stride, w_arr, w_off, panel_stride, K, out_arr, out_off, out_row_stride, out_panel_stride = args
     fty = context.get_value_type(x_ty.dtype)
@@ -104,7 +120,7 @@ def _emit_block_product(context, builder, sig, args, rows):
     zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * W)
     x_rows = [builder.gep(x_ptr, [builder.add(x_off, builder.mul(x_stride, ir.Constant(i64, m)))]) for m in range(rows)]
     w_panels = [builder.gep(w_ptr, [builder.add(w_off, builder.mul(panel_stride, ir.Constant(i64, p)))])
-                for p in range(PANELS)]
+                for p in range(panels)]
 
     entry = builder.basic_block
     loop = builder.append_basic_block("k_loop")
@@ -113,45 +129,45 @@ def _emit_block_product(context, builder, sig, args, rows):
 
     builder.position_at_end(loop)
     k = builder.phi(i64)
-    acc = [[builder.phi(vty) for _ in range(PANELS)] for _ in range(rows)]
+    acc = [[builder.phi(vty) for _ in range(panels)] for _ in range(rows)]
     k.add_incoming(ir.Constant(i64, 0), entry)
     for row in acc:
         for a in row:
             a.add_incoming(zero, entry)
     kW = builder.mul(k, ir.Constant(i64, W))
     panel = [builder.load(builder.bitcast(builder.gep(w_panels[p], [kW]), vty.as_pointer()), align=size)
-             for p in range(PANELS)]
+             for p in range(panels)]
     new = []
     for m in range(rows):
         scalar = builder.load(builder.gep(x_rows[m], [k]))
         splat = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
         splat = builder.shuffle_vector(splat, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W))
-        new.append([builder.call(fma, [splat, panel[p], acc[m][p]]) for p in range(PANELS)])
+        new.append([builder.call(fma, [splat, panel[p], acc[m][p]]) for p in range(panels)])
     k_next = builder.add(k, ir.Constant(i64, 1))
     body_end = builder.basic_block
     k.add_incoming(k_next, body_end)
     for m in range(rows):
-        for p in range(PANELS):
+        for p in range(panels):
             acc[m][p].add_incoming(new[m][p], body_end)
     builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
 
     builder.position_at_end(done)
     results = []
     for m in range(rows):  # phis first: LLVM wants them at the top of the block
-        for p in range(PANELS):
+        for p in range(panels):
             result = builder.phi(vty)
             result.add_incoming(zero, entry)
             result.add_incoming(new[m][p], body_end)
             results.append(result)
     for i, result in enumerate(results):
-        m, p = divmod(i, PANELS)
+        m, p = divmod(i, panels)
         at = builder.add(builder.add(out_off, builder.mul(out_row_stride, ir.Constant(i64, m))),
                          builder.mul(out_panel_stride, ir.Constant(i64, p)))
         builder.store(result, builder.bitcast(builder.gep(out_ptr, [at]), vty.as_pointer()), align=size)
     return context.get_dummy_value()
 
 
-def _block_product_intrinsic(rows):
+def _block_product_intrinsic(rows, panels=PANELS):
     @intrinsic
     def block_product_rows(typingctx, x, x_off, x_stride, w, w_off, panel_stride, K, out, out_off, out_row_stride,
                            out_panel_stride):
@@ -159,11 +175,12 @@ def _block_product_intrinsic(rows):
             return None
         sig = types.void(x, types.int64, types.int64, w, types.int64, types.int64, types.int64, out, types.int64,
                          types.int64, types.int64)
-        return sig, lambda context, builder, sig, args: _emit_block_product(context, builder, sig, args, rows)
+        return sig, lambda context, builder, sig, args: _emit_block_product(context, builder, sig, args, rows, panels)
     return block_product_rows
 
 
 _p1, _p2, _p3, _p4, _p5, _p6, _p7, _p8 = [_block_product_intrinsic(rows) for rows in range(1, 9)]
+_row4, _row1 = _block_product_intrinsic(1, 4), _block_product_intrinsic(1, 1)
 
 
 @kernel
@@ -189,3 +206,21 @@ def block_product(x, x_off, x_stride, rows, w, w_off, panel_stride, K, out, out_
         _p2(*args)
     else:
         _p1(*args)
+
+
+@kernel
+def row_product(x, x_off, w, w_off, panel_stride, K, out, out_off, out_panel_stride, panels):
+    """out[out_off + p*out_panel_stride + j] = sum over k < K of x[x_off + k] * w[w_off + p*panel_stride + k*W + j]
+    for p < panels, j < W: one row of x (one stream's step) times `panels` panels, 4 a call while
+    they last. One row has no rows to share a panel's load, so a call keeps 4 panels' fma chains
+    in flight instead; a step is then bound by how fast the panels stream in from L2. Each panel's
+    sum is one chain in k order, whichever call holds it."""
+    p = 0
+    while p + 4 <= panels:
+        _row4(x, x_off, 0, w, w_off + p * panel_stride, panel_stride, K, out, out_off + p * out_panel_stride, 0,
+              out_panel_stride)
+        p += 4
+    while p < panels:
+        _row1(x, x_off, 0, w, w_off + p * panel_stride, panel_stride, K, out, out_off + p * out_panel_stride, 0,
+              out_panel_stride)
+        p += 1

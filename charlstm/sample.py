@@ -1,8 +1,10 @@
 """Sampling: prime the state, step one character at a time, temperature / top-k / argmax, stream out.
 
 `Stream` holds one stream of a model: its weights laid out once for the step kernel (layer 0's
-Wx transposed so the one-hot input is a row lookup; [Wx | Wh] of each layer above fused into one
-(G, 2H) matrix, so a step reads each weight once), its state h, c (L, H), and workspaces.
+Wx transposed so the one-hot input is a row lookup; layer 0's Wh and the fused [Wx | Wh] (G, 2H)
+of each layer above packed for the one-row micro-kernel, so a step reads each weight once), its
+state h, c (L, H), and workspaces. A step's units are split across the team
+(stream_kernels.run_stream).
 
 `generate` yields the text of one sample in pieces as it is made: the prime, then chunks of
 generated characters. A chunk is one kernel call given pre-drawn uniforms, so the output for a
@@ -12,10 +14,11 @@ and grow to CHUNK_MAX. Memory stays constant however long the sample.
 
 import numpy as np
 
-from charlstm import stream_kernels
+from charlstm import packed, stream_kernels
 from charlstm.jit import is_cached
 from charlstm.errors import UserError
 from charlstm.model import views
+from charlstm.threads import team
 
 CHUNK_MIN, CHUNK_MAX = 64, 2048  # characters per kernel call
 NO_UNIFORMS, NO_IDS = np.zeros(0), np.zeros(0, np.int64)  # a feed draws nothing
@@ -28,35 +31,40 @@ class Stream:
         L, H, V, G = config.layers, config.hidden, config.vocab_size, 4 * config.hidden
         w, dtype = views(params, config), np.dtype(config.dtype)
         fresh = lambda a: np.array(a, dtype=dtype, order="C")  # own, writable, C-contiguous copies
-        wcat = np.empty((L - 1, G, 2 * H), dtype=dtype)
+        (U, _, _, W), _, row = packed.packed_shapes(H, dtype)
+        Wf = np.zeros((L, U, 4, 2 * H if L > 1 else H, W), dtype)
+        packed.pack_forward(fresh(w["l0.Wh"]), Wf[0], 0, U)
         for l in range(1, L):
-            wcat[l - 1, :, :H], wcat[l - 1, :, H:] = w[f"l{l}.Wx"], w[f"l{l}.Wh"]
+            packed.pack_forward(fresh(np.concatenate([w[f"l{l}.Wx"], w[f"l{l}.Wh"]], axis=1)), Wf[l], 0, U)
         bias = fresh([w[f"l{l}.b"] for l in range(L)])
         peep = fresh([w[f"l{l}.p"] for l in range(L)]) if config.peepholes else np.zeros((L, 0), dtype)
-        self.net = (fresh(w["l0.Wx"].T), fresh(w["l0.Wh"]), wcat, bias, peep, fresh(w["out.W"]), fresh(w["out.b"]))
-        self.h, self.c = np.zeros((L, H), dtype), np.zeros((L, H), dtype)
-        self.work = (np.zeros(G, dtype), np.zeros(G, dtype), np.zeros(H, dtype),
+        self.net = (fresh(w["l0.Wx"].T), Wf, bias, peep, fresh(w["out.W"]), fresh(w["out.b"]))
+        # each layer's input vector [h below | its own h], twice (stream_kernels.run_stream)
+        self.state = np.zeros((2, L, 2 * H), dtype)
+        self.h, self.c = self.state[0, :, H:], np.zeros((L, H), dtype)
+        self.work = (np.zeros(G, dtype), np.zeros(row, dtype), np.zeros(H, dtype),
                      np.zeros(V), np.zeros(V), np.zeros(V, np.int64))
         self.config = config
         self.codes = np.frombuffer(config.vocab.encode("utf-32-le"), dtype=np.uint32)  # id -> code point
 
-    def blocks(self):
-        return stream_blocks(self.config)
-
     def reset(self):
-        self.h[:] = 0
+        self.state[:] = 0
         self.c[:] = 0
+
+    def _run(self, feed, uniforms, inv_temp, top_k, greedy, out):
+        team.together(lambda rank, threads, sync: stream_kernels.run_stream(
+            self.net, feed, self.state, self.c, uniforms, inv_temp, top_k, greedy, self.work, out,
+            rank, threads, team.most, sync))
 
     def feed(self, ids):
         """Advance the state through the ids (a prime)."""
-        stream_kernels.run_stream(self.net, np.asarray(ids, dtype=np.int64), self.h, self.c, NO_UNIFORMS, 1.0, 0, False,
-                                  self.work, NO_IDS, self.blocks())
+        self._run(np.asarray(ids, dtype=np.int64), NO_UNIFORMS, 1.0, 0, False, NO_IDS)
 
     def run(self, x, uniforms, temperature=1.0, top_k=0, greedy=False):
         """Feed id x, then draw and feed one id per uniform; returns the drawn ids (n,) int64."""
         out = np.empty(len(uniforms), dtype=np.int64)
-        stream_kernels.run_stream(self.net, np.array([x], dtype=np.int64), self.h, self.c, np.asarray(uniforms, float),
-                                  1.0 / temperature, top_k or 0, bool(greedy), self.work, out, self.blocks())
+        self._run(np.array([x], dtype=np.int64), np.asarray(uniforms, float), 1.0 / temperature, top_k or 0,
+                  bool(greedy), out)
         return out
 
     def decode(self, ids):
@@ -179,14 +187,6 @@ def write_samples(out, params, config, seed, samples, length, prime="", **settin
         out.flush()
 
 
-def stream_blocks(config):
-    """Unit blocks (threads) for a step of this model: by the weights a layer's step reads on
-    average, Wh of layer 0 and [Wx | Wh] of each layer above."""
-    L, H = config.layers, config.hidden
-    recurrent = 4 * H * (H + (L - 1) * 2 * H) * np.dtype(config.dtype).itemsize
-    return stream_kernels.blocks_for(recurrent / L)
-
-
 def kernels_cached(config):
     """Whether the sampling kernels for this model are in Numba's disk cache (so no compile is coming)."""
-    return is_cached(stream_kernels.run_stream.for_blocks(stream_blocks(config)))
+    return is_cached(stream_kernels.run_stream)

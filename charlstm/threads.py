@@ -1,30 +1,30 @@
 """Who owns threads: the engine's Team, and the Governor that decides how many threads run.
 
-THE ENGINE'S THREADS. At B > 1 the recurrent loops (recurrent.py) run on `team`: plain Python
-threads, each calling a nogil kernel on a fixed share of the batch's streams for a whole window.
-A stream needs nothing from the others, so a share runs start to end with no synchronisation;
-the team meets once per kernel call. The window's batched products run on the team too
-(packed.py). BLAS runs what is left (the logits and their gradients) on one thread, inside the
-caller (blas.py says why).
-One stream (B = 1: training, eval, sampling) has no shares to hand out: its per-step sweeps split
-Wh's units across Numba's threads (stream_kernels.py, jit.threaded_kernel).
+THE THREADING RULE. Every multi-threaded kernel call of the engine runs on `team`: plain Python
+threads, each calling a nogil kernel on a fixed share of the work. Nothing else runs threads on
+the hot paths: no Numba parallel kernel exists in the package (tests/test_jit.py checks), and
+BLAS keeps to one thread inside whichever team thread calls it (blas.py says why).
+  - Many streams (B > 1): `run` hands each thread a share of the batch's streams for a whole
+    window (recurrent.py); a stream needs nothing from the others, so nothing synchronises
+    inside the call. The window's batched products are cut the same way, by rows or positions
+    (network.py).
+  - One stream (B = 1 training, eval, validation, sampling): `together` runs one kernel call per
+    thread, each owning a share of the hidden units, and the threads meet once a step inside the
+    kernel with a spin barrier (stream_kernels.py, barrier.py).
+Work is always cut into `most` shares, however many threads run, so results do not depend on the
+count: a run the governor moves between 1 and 2 threads trains the same bytes
+(tests/test_threads.py checks a run switching every step against a steady one, byte for byte).
 
 HOW MANY. Two threads splitting work wait for each other where they meet. Alone on the machine,
 two threads are faster. Beside another busy process, the thread that loses its core holds the
-other up, and on 2 cores the old per-step barriers fell to a quarter of idle speed, where one
-thread, which needs no partner, kept about 60% (bench at H=256, Intel Xeon 2.8 GHz: B=1 13.1k ->
-3.2k chars/s on two threads, 7.9k on one; B=32 45.5k -> 13.9k, 20.6k on one). Waiting passively
-instead of spinning (OMP_WAIT_POLICY) did not help: it cost up to 3x when idle.
+other up: on 2 cores, per-step barriers once fell to a quarter of idle speed, where one thread,
+which needs no partner, kept about 60% (bench at H=256, Intel Xeon 2.8 GHz: B=1 13.1k -> 3.2k
+chars/s on two threads, 7.9k on one; B=32 45.5k -> 13.9k, 20.6k on one).
 
 So each thread must earn its place by measurement: `Governor` times the work at its current count
 and, every PROBE_EVERY seconds (longer where probing would take more than PROBE_SHARE of the time)
 or at once when the last few units took twice the usual (another process started), times
 PROBE_UNITS units at the other count and keeps the faster.
-
-Results do not depend on the count (a stream's arithmetic is the same whichever share holds it;
-the one-stream kernels keep their unit blocks, set by the thread pool's size, whatever runs them;
-BLAS always runs on one thread; tests/test_threads.py checks a run switching counts every step against a steady one byte for
-byte), so switching keeps runs exact.
 """
 import math
 import queue
@@ -32,10 +32,11 @@ import statistics
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 
 import numba
+import numpy as np
 
+from charlstm.barrier import ABORT, SYNC_SIZE
 
 PROBE_EVERY = 2.0  # seconds between probes of the other thread count (the first comes sooner),
 PROBE_SHARE = 0.05  # or more: at most this share of the time goes to probing (a slower count)
@@ -47,17 +48,14 @@ MARGIN = 0.9  # the other count's mean must be this much lower to take over
 
 
 def use(threads):
-    """Run the team and Numba's kernels on `threads` threads from now on (BLAS stays on one)."""
+    """Run the team on `threads` threads from now on (BLAS stays on one)."""
     team.size = max(1, min(threads, team.most))
-    numba.set_num_threads(threads)
 
 
 class Team:
     """The engine's own threads: plain Python threads, each running a nogil kernel on a fixed share
-    of the work for a whole window (recurrent.py: a share of the batch's streams; network.py: a
-    share of a batched product's rows), so nothing synchronises inside a call and no thread pool
-    spins between calls. The calling thread works the first share; `size - 1` helpers, started
-    once, work the others.
+    of the work, so no thread pool spins between calls. The calling thread works the first share;
+    `size - 1` helpers, started once, work the others.
 
     Work is always cut into the same shares, as many as there are threads (`most`), whatever
     `size` says; with fewer threads running, a thread works several shares in turn. So every call
@@ -65,13 +63,16 @@ class Team:
     halves in one order), and a run the governor moves between counts trains the same bytes.
 
     `run(work, shares)` calls work(lo, hi, slot) for each share (lo, hi), slot being the share's
-    index, and returns when all are done, raising the first error any raised."""
+    index. `together(work)` calls work(rank, threads, sync) once on each of `size` threads at the
+    same time, for kernels whose threads meet inside (barrier.meet on `sync`). Both return when
+    all are done, raising the first error any raised."""
 
     def __init__(self, most):
         self.most = most  # the threads there are (the cores Numba was told of)
         self.size = most  # the threads used now (use() and the Governor set it)
         self._inbox = [None]  # one queue per helper thread, started when first needed
         self._done = queue.SimpleQueue()
+        self._sync = np.zeros(SYNC_SIZE, np.int64)  # the meeting counter of a together() call
 
     def shares(self, n, smallest):
         """Cut 0..n-1 into at most `most` contiguous shares of near-equal size, none smaller than
@@ -82,13 +83,32 @@ class Team:
 
     def run(self, work, shares):
         threads = max(1, min(self.size, len(shares)))
+
+        def work_slots(rank):
+            for slot in range(rank, len(shares), threads):
+                work(*shares[slot], slot)
+        self._everyone(work_slots, threads)
+
+    def together(self, work):
+        threads, sync = self.size, self._sync
+        sync[:] = 0
+
+        def work_meeting(rank):
+            try:
+                work(rank, threads, sync)
+            except BaseException:
+                sync[ABORT] = 1  # the others stop waiting at their next meeting
+                raise
+        self._everyone(work_meeting, threads)
+
+    def _everyone(self, job, threads):
+        """job(rank) on this thread (rank 0) and helpers 1..threads-1 at once; the first error raised."""
         for helper in range(1, threads):
             self._start(helper)
-            self._inbox[helper].put((work, shares, range(helper, len(shares), threads)))
+            self._inbox[helper].put((job, helper))
         error = None
         try:
-            for slot in range(0, len(shares), threads):
-                work(*shares[slot], slot)
+            job(0)
         except BaseException as e:  # still collect the helpers before raising
             error = e
         for _ in range(threads - 1):
@@ -106,10 +126,9 @@ class Team:
     def _serve(self, helper):
         inbox = self._inbox[helper]
         while True:
-            work, shares, slots = inbox.get()
+            job, rank = inbox.get()
             try:
-                for slot in slots:
-                    work(*shares[slot], slot)
+                job(rank)
                 self._done.put(None)
             except BaseException as e:
                 self._done.put(e)
@@ -118,25 +137,11 @@ class Team:
 team = Team(numba.config.NUMBA_NUM_THREADS)
 
 
-@contextmanager
-def single_threaded_kernels():
-    """Run Numba's parallel kernels (validation, samples) on the calling thread only. Measured when
-    OpenBLAS still ran threads of its own: they spun on the cores between the trainer's products,
-    and fighting them made validation 2.5x slower on 2 cores than one thread was. BLAS now keeps
-    to one thread (blas.py), so two may pay again; not yet measured."""
-    count = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(count)
-
-
 class Governor:
     """Runs units of work (callables) on 1 or `most` threads, whichever measures faster."""
 
     def __init__(self, most=None):
-        self.most = most or numba.get_num_threads()
+        self.most = most or team.size
         self.current = self.most
         self.recent = deque(maxlen=16)  # seconds per unit at the current count
         self.units = 0

@@ -25,7 +25,7 @@ from charlstm.optim import clip_gradients, new_state, sum_of_squares, update
 from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.sample import Stream, generate
 from charlstm.schedule import dropout_at, lr_at
-from charlstm.threads import Governor, single_threaded_kernels
+from charlstm.threads import Governor
 from charlstm.validate import validation_loss
 
 EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN/inf
@@ -162,8 +162,7 @@ class Trainer:
         """Validation loss on its own state; True when it is the best so far."""
         s = self.state
         self.log_train()
-        with single_threaded_kernels():
-            loss, chars = validation_loss(s.params, self.model_cfg, self.val_ids)
+        loss, chars = validation_loss(s.params, self.model_cfg, self.val_ids)
         if loss is None:
             return False
         s.last_val_loss = loss
@@ -178,9 +177,8 @@ class Trainer:
     def preview(self):
         """A short sample, to see what the model has learnt. Drawn from the run's own RNG (saved in
         every checkpoint), so a resumed run shows the same samples as a straight one."""
-        with single_threaded_kernels():
-            text = "".join(generate(Stream(self.state.params, self.model_cfg), self.rng, PREVIEW_CHARS,
-                                    temperature=PREVIEW_TEMPERATURE))
+        text = "".join(generate(Stream(self.state.params, self.model_cfg), self.rng, PREVIEW_CHARS,
+                                temperature=PREVIEW_TEMPERATURE))
         return f"--- sample at step {self.state.step} (temperature {PREVIEW_TEMPERATURE}) ---\n{text}\n---"
 
     def log_train(self):
@@ -327,10 +325,8 @@ def kernels_cached(ws):
     from charlstm import recurrent, stream_kernels
     from charlstm.jit import is_cached
 
-    if network.one_stream(ws):
-        blocks = stream_kernels.blocks_for(ws.WhT.nbytes)
-        return is_cached(stream_kernels.lstm_forward_one.for_blocks(blocks),
-                         stream_kernels.lstm_backward_one.for_blocks(blocks))
+    if ws.B == 1:
+        return is_cached(stream_kernels.forward_one, stream_kernels.backward_one)
     return is_cached(recurrent.forward_streams, recurrent.backward_streams)
 
 

@@ -24,6 +24,26 @@ TINY = ["--hidden", "12", "--layers", "2", "--batch-size", "4", "--seq-length", 
         "--save-every", "10", "--threads", "1"]
 
 
+@pytest.fixture(autouse=True)
+def whole_team():
+    """Every test starts with the team as the process made it (--threads 1 in a test sets its size)."""
+    from charlstm.threads import team
+
+    most, size = team.most, team.size
+    yield
+    team.most, team.size = most, size
+
+
+@pytest.fixture
+def team_of():
+    """team_of(most, size): cut the engine's work into `most` shares and run them on `size` threads."""
+    from charlstm.threads import team
+
+    def set_team(most, size):
+        team.most, team.size = most, size
+    return set_team
+
+
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.txt"

@@ -27,8 +27,8 @@ VOCAB = "".join(sorted(set(TEXT)))
 H = 6
 
 
-def make_model(layers=2, peepholes=True, dtype="float32", seed=0):
-    config = ModelConfig(VOCAB, hidden=H, layers=layers, peepholes=peepholes, dtype=dtype)
+def make_model(layers=2, peepholes=True, dtype="float32", seed=0, hidden=H):
+    config = ModelConfig(VOCAB, hidden=hidden, layers=layers, peepholes=peepholes, dtype=dtype)
     rng = np.random.default_rng(seed)
     return rng.uniform(-0.5, 0.5, param_count(config)).astype(dtype), config
 
@@ -37,7 +37,7 @@ def ref_nats(params, config, text):
     """The float64 reference: mean -log p over positions 2..N of text, from zero state."""
     p = {k: v.astype(np.float64) for k, v in views(params, config).items()}
     ids = np.array([VOCAB.index(ch) for ch in text])
-    zero = np.zeros((config.layers, 1, H))
+    zero = np.zeros((config.layers, 1, config.hidden))
     loss, *_ = reference.forward(p, ids[None, :-1], ids[None, 1:], zero, zero, config.layers, config.peepholes)
     return loss
 
@@ -50,13 +50,13 @@ def write_checkpoint(path, params, config):
     return path
 
 
-@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("team", [(1, 1), (3, 2)])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
 @pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True), (3, False)])
-def test_scorer_matches_the_reference_across_windows_and_pieces(layers, peepholes, dtype, tol, blocks, monkeypatch):
-    """blocks=3 splits each layer's units across threads (prange), as large models do."""
-    monkeypatch.setattr(stream_kernels, "blocks_for", lambda nbytes: blocks)
-    params, config = make_model(layers, peepholes, dtype)
+def test_scorer_matches_the_reference_across_windows_and_pieces(layers, peepholes, dtype, tol, team, team_of):
+    """team (3, 2): each step's units (H = 37) cut into 3 shares on 2 threads, as the team runs them."""
+    team_of(*team)
+    params, config = make_model(layers, peepholes, dtype, hidden=37)
     text = TEXT * 3
     ids = np.array([VOCAB.index(ch) for ch in text])
     expected = ref_nats(params, config, text)
@@ -162,10 +162,10 @@ def test_a_second_run_compiles_nothing_new():
 
     for dtype in ("float32", "float64"):
         score(2, True, dtype, 0)
-    used = [stream_kernels.lstm_forward_one.serial, stream_kernels.nll_sum, kernels.gather_input, kernels.project_input]
+    used = [stream_kernels.forward_one, stream_kernels.nll_sum, kernels.gather_input, kernels.project_input]
     counts = [len(k.signatures) for k in used]
     for dtype in ("float32", "float64"):
         score(1, False, dtype, 1)
         score(3, True, dtype, 2)
     assert counts == [len(k.signatures) for k in used]
-    assert counts[0] == 2  # lstm_forward_one: one float32 and one float64 specialization
+    assert counts[0] == 2  # forward_one: one float32 and one float64 specialization

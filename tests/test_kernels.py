@@ -97,12 +97,28 @@ def test_block_product_is_a_product(rows, dtype):
     assert not out[untouched].any()
 
 
+@pytest.mark.parametrize("panels", [1, 3, 4, 9])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_row_product_is_a_product(panels, dtype):
+    """The one-row micro-kernel (4 panels a call, then 1s) at offsets and strides, against NumPy."""
+    rng = np.random.default_rng(panels)
+    W, K = packed.lanes(dtype), 11
+    x = rng.standard_normal(K + 2).astype(dtype)
+    w = rng.standard_normal((panels + 1, K, W)).astype(dtype)
+    out = np.zeros((panels + 1) * 2 * W, dtype)
+    packed.row_product(x, 2, w.reshape(-1), K * W, K * W, K, out, W, 2 * W, panels)
+    want = x[2:].astype(np.float64) @ w[1:].astype(np.float64)  # (panels, W)
+    got = out[W:W + 2 * W * panels].reshape(panels, 2, W)
+    assert np.allclose(got[:, 0], want, rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-5)
+    assert not got[:, 1].any() and not out[:W].any() and not out[W + 2 * W * panels:].any()
+
+
 def test_packings_hold_wh():
     """Every entry of the forward and backward packings is Wh's, and the padding units are zero."""
     H, dtype = 37, "float32"
     Wh = np.random.default_rng(0).standard_normal((4 * H, H)).astype(dtype)
     fwd_shape, bwd_shape, _ = packed.packed_shapes(H, dtype)
-    Wf = packed.pack_forward(Wh, np.full(fwd_shape, np.nan, dtype))
+    Wf = packed.pack_forward(Wh, np.full(fwd_shape, np.nan, dtype), 0, fwd_shape[0])
     Wb = packed.pack_columns(Wh, np.full(bwd_shape, np.nan, dtype), 0, bwd_shape[0])
     W = packed.lanes(dtype)
     unit = np.arange(fwd_shape[0] * W)
@@ -114,18 +130,21 @@ def test_packings_hold_wh():
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
-@pytest.mark.parametrize("blocks", [2, 3, 6])
-@pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True)])
-def test_one_stream_unit_blocks_match_reference(monkeypatch, layers, peepholes, blocks, dtype, tol):
-    """B = 1 trains with stream_kernels' unit-block sweeps. Split across threads they still match the
-    reference, and give the very bits of one block: results do not depend on the thread count."""
-    case = random_case(layers, peepholes, 1, 5, dtype)
-    one_block = run_network(*case)  # H = 6 is below blocks_for's threshold: one block
-    monkeypatch.setattr(stream_kernels, "blocks_for", lambda nbytes: blocks)
-    split = run_network(*case)
-    assert_matches_reference(case, split, tol)
-    for ours, theirs in zip(split, one_block):
-        assert np.array_equal(ours, theirs)
+@pytest.mark.parametrize("layers,peepholes,H", [(1, False, 100), (2, True, 37), (3, False, 64), (2, True, 3)])
+def test_one_stream_split_across_threads_matches_reference(team_of, layers, peepholes, H, dtype, tol):
+    """B = 1 splits each step's units into shares (stream_kernels.py) whose threads meet once a
+    step. Cut into 2 or 3 shares (some empty when H is small), run on 1, 2 or 3 threads, with
+    dropout: the reference's numbers, and the very same bits whatever the count."""
+    case = random_case(layers, peepholes, 1, 5, dtype, hidden=H)
+    masks = random_masks(case[0], 1, 5, p=0.3, seed=2)
+    team_of(2, 1)
+    alone = run_network(*case, masks=masks)
+    assert_matches_reference(case, alone, tol, masks)
+    for most, size in [(2, 2), (3, 2), (3, 3)]:
+        team_of(most, size)
+        split = run_network(*case, masks=masks)
+        for ours, theirs in zip(split, alone):
+            assert np.array_equal(ours, theirs), (most, size)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
@@ -183,28 +202,26 @@ def test_second_call_compiles_nothing_new():
     """Running a window again, in either dtype, adds no signature to any kernel: no float64 drift
     in float32 runs, no retyping between calls."""
     for dtype in ("float32", "float64"):
-        case = random_case(2, True, 3, 4, dtype)
-        run_network(*case)
+        for B in (1, 3):
+            run_network(*random_case(2, True, B, 4, dtype))
     counts = _signature_counts()
     for dtype in ("float32", "float64"):
-        run_network(*random_case(2, True, 3, 4, dtype, seed=1))
+        for B in (1, 3):
+            run_network(*random_case(2, True, B, 4, dtype, seed=1))
     assert counts == _signature_counts()
     assert counts["recurrent.forward_streams"] == 2  # one float32 and one float64 specialization, nothing else
+    assert counts["stream_kernels.forward_one"] == 2
 
 
 def _signature_counts():
     return {f"{module.__name__.split('.')[-1]}.{name}": len(getattr(module, name).signatures)
-            for module in (kernels, recurrent, packed) for name in dir(module)
+            for module in (kernels, recurrent, packed, stream_kernels) for name in dir(module)
             if hasattr(getattr(module, name), "signatures")}
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 24), (24, 7), (65, 1024), (1030, 33)])
-@pytest.mark.parametrize("blocks", [1, 2, 5])
-def test_transposes_match_numpy(shape, blocks):
+def test_transposes_match_numpy(shape):
     W = np.random.default_rng(0).random(shape, dtype=np.float32)
     WT = np.full(shape[::-1], np.nan, dtype=np.float32)
     kernels.transpose_into(W, WT)
-    assert np.array_equal(WT, W.T)
-    WT[:] = np.nan
-    stream_kernels.transpose_split(W, WT, blocks)
     assert np.array_equal(WT, W.T)

@@ -220,5 +220,5 @@ def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
     config = ModelConfig("abc", hidden=4, layers=1)
     train.kernels_cached(network.Workspace(config, 1, 5))
     train.kernels_cached(network.Workspace(config, 3, 5))
-    assert asked == [(stream_kernels.lstm_forward_one.serial, stream_kernels.lstm_backward_one.serial),
+    assert asked == [(stream_kernels.forward_one, stream_kernels.backward_one),
                      (recurrent.forward_streams, recurrent.backward_streams)]
