@@ -95,42 +95,46 @@ def weight_grad(dZ, X, dW):
 
 
 @kernel
-def column_sums(dZ, db):
-    """The bias gradient: db (R,) out = sum over the N rows of dZ (N, R)."""
-    N, R = dZ.shape
-    db[:] = 0
+def column_sums(dZ, db, lo, hi):
+    """The bias gradient, columns lo..hi-1: db[lo:hi] out = sum over the N rows of dZ[:, lo:hi]
+    (N, R). Each column sums its rows in order, whatever range holds it."""
+    N = dZ.shape[0]
+    part = db[lo:hi]
+    part[:] = 0
     for n in range(N):
-        for j in range(R):
-            db[j] += dZ[n, j]
+        row = dZ[n, lo:hi]
+        for j in range(hi - lo):
+            part[j] += row[j]
 
 
 @kernel
-def gather_input_grad(dA, x, dWxT):
-    """Layer 0: scatter-add the gate gradients into the rows of the one-hot ids seen.
-    dA (T, B, G), x (T, B) ids, dWxT (V, G) out (dWx transposed)."""
+def gather_input_grad(dA, x, dWxT, lo, hi):
+    """Layer 0, columns lo..hi-1: scatter-add the gate gradients into the rows of the one-hot ids
+    seen. dA (T, B, G), x (T, B) ids, dWxT (V, G) out (dWx transposed)."""
     T, B, G = dA.shape
-    dWxT[:] = 0
+    dWxT[:, lo:hi] = 0
     for t in range(T):
         for s in range(B):
-            row = dWxT[x[t, s]]
-            for j in range(G):
-                row[j] += dA[t, s, j]
+            row, d = dWxT[x[t, s], lo:hi], dA[t, s, lo:hi]
+            for j in range(hi - lo):
+                row[j] += d[j]
 
 
 # ---------------------------------------------------------------- output layer
 
 @kernel
-def softmax_xent(Htop, Wy, by, y, P):
-    """Logits, softmax and cross-entropy for all N positions at once; P becomes dloss/dlogits.
+def softmax_xent(Htop, Wy, by, y, P, N):
+    """Logits, softmax and cross-entropy for n positions (a share of a window's N); P becomes
+    dloss/dlogits of the window's mean loss.
 
-    Htop (N, H) top layer outputs, Wy (V, H), by (V,), y (N,) target ids,
-    P (N, V) out: (softmax - onehot(y)) / N.  Returns the mean loss in nats (summed in float64).
+    Htop (n, H) top layer outputs, Wy (V, H), by (V,), y (n,) target ids,
+    P (n, V) out: (softmax - onehot(y)) / N.  Returns the summed loss in nats (in float64).
     """
     np.dot(Htop, Wy.T, P)
-    N, V = P.shape
+    n_rows, V = P.shape
     inv_n = like(P[0, 0], 1.0 / N)
     total = 0.0
-    for n in range(N):
+    for n in range(n_rows):
         row = P[n]
         m = row[0] + by[0]
         for v in range(V):
@@ -145,4 +149,4 @@ def softmax_xent(Htop, Wy, by, y, P):
         for v in range(V):
             row[v] *= scale
         row[y[n]] -= inv_n
-    return total / N
+    return total

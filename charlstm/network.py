@@ -36,9 +36,9 @@ class Workspace:
         forward_shape, backward_shape, row = packed.packed_shapes(H, config.dtype)
         self.Wf, self.Wb = zeros(*forward_shape), zeros(*backward_shape)  # the layer's Wh, packed (packed.py)
         self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py, stream_kernels.py)
-        # A weight gradient dA^T X is cut by positions across the team (_weight_grad): the shares
+        # A weight gradient dZ^T X is cut by positions across the team (_weight_grad): the shares
         # after the first sum into these, one each, and are added in order.
-        self.partial = zeros(team.most - 1, G, H)
+        self.partial, self.partial_out = zeros(team.most - 1, G, H), zeros(team.most - 1, V, H)
         self.masks = zeros(L, T * B, H) if dropout else None
         self.dropped = zeros(L, T * B, H) if dropout else None
 
@@ -53,16 +53,17 @@ class Workspace:
         """The top layer's outputs as the softmax sees them, (N, H)."""
         return self.output_up(self.config.layers - 1)
 
-    def drop(self, l):
-        """Apply layer l's dropout mask to its outputs (no-op without dropout)."""
+    def drop(self, l, lo, hi):
+        """Apply layer l's dropout mask to its outputs at positions lo..hi-1 (no-op without dropout)."""
         if self.masks is not None:
-            np.multiply(self.h[l, 1:].reshape(-1, self.config.hidden), self.masks[l], out=self.dropped[l])
+            h = self.h[l, 1:].reshape(-1, self.config.hidden)
+            np.multiply(h[lo:hi], self.masks[l, lo:hi], out=self.dropped[l, lo:hi])
 
-    def drop_grad(self, l, dH):
+    def drop_grad(self, l, dH, lo, hi):
         """dH (N, H), the gradient arriving at layer l's dropped outputs, becomes the gradient at its
-        outputs: the mask again (no-op without dropout)."""
+        outputs at positions lo..hi-1: the mask again (no-op without dropout)."""
         if self.masks is not None:
-            dH *= self.masks[l]
+            dH[lo:hi] *= self.masks[l, lo:hi]
 
 
 def _peep(w, l, ws):
@@ -71,16 +72,22 @@ def _peep(w, l, ws):
 
 def forward(params, ws, x, h0, c0):
     """Run every layer over the window x (T, B) from state h0, c0 (L, B, H).
-    The final state is ws.h[:, -1], ws.c[:, -1]."""
+    The final state is ws.h[:, -1], ws.c[:, -1]. The top layer's dropout is loss()'s to apply."""
     w, cfg = views(params, ws.config), ws.config
     N, G = ws.T * ws.B, 4 * cfg.hidden
     for l in range(cfg.layers):
         if l == 0:
             kernels.transpose_into(w["l0.Wx"], ws.WxT0)
-            kernels.gather_input(ws.WxT0, w["l0.b"], x, ws.gates[0])
+            b = w["l0.b"]
+            team.run(lambda lo, hi, slot: kernels.gather_input(ws.WxT0, b, x[lo:hi], ws.gates[0, lo:hi]),
+                     team.shares(ws.T, -(-SHARE_ROWS // ws.B)))
         else:
             X, Wx, b, A = ws.output_up(l - 1), w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G)
-            _by_rows(N, lambda lo, hi: kernels.project_input(X[lo:hi], Wx, b, A[lo:hi]))
+
+            def input_terms(lo, hi):  # the layer below's outputs through its dropout, then times Wx
+                ws.drop(l - 1, lo, hi)
+                kernels.project_input(X[lo:hi], Wx, b, A[lo:hi])
+            _by_rows(N, input_terms)
         ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
         Wh, peep = w[f"l{l}.Wh"], _peep(w, l, ws)
         if ws.B == 1:  # one stream: the team splits each step's units and meets once a step
@@ -93,17 +100,24 @@ def forward(params, ws, x, h0, c0):
             team.run(lambda lo, hi, slot: recurrent.forward_streams(ws.gates[l], ws.Wf, peep, ws.h[l], ws.c[l], ws.tc[l],
                                                                     lo, hi, ws.scratch),
                      team.shares(ws.B, packed.ROWS))
-        ws.drop(l)
 
 
 # Positions per share of a batched product, at least: below this BLAS's call costs more than half.
 SHARE_ROWS = 64
+# Columns per share of a column-wise sum, at least.
+SHARE_COLUMNS = 64
 
 
-def _by_rows(n, product):
-    """product(lo, hi) for the team's shares of rows 0..n-1: a batched product (BLAS, on one thread
-    in each) cut by the rows of its result."""
-    team.run(lambda lo, hi, slot: product(lo, hi), team.shares(n, SHARE_ROWS))
+def _by_rows(n, work):
+    """work(lo, hi) for the team's shares of rows 0..n-1: batched work (a BLAS product on one
+    thread in each, elementwise work) cut by the rows of its result."""
+    team.run(lambda lo, hi, slot: work(lo, hi), team.shares(n, SHARE_ROWS))
+
+
+def _by_columns(n, work):
+    """work(lo, hi) for the team's shares of columns 0..n-1: sums over every row, cut by the
+    columns they write, so each column's sum runs in one order whatever the cut."""
+    team.run(lambda lo, hi, slot: work(lo, hi), team.shares(n, SHARE_COLUMNS))
 
 
 def _pack_columns(M, P):
@@ -111,24 +125,38 @@ def _pack_columns(M, P):
     team.run(lambda lo, hi, slot: packed.pack_columns(M, P, lo, hi), team.shares(P.shape[0], 1))
 
 
-def _weight_grad(ws, X, dW):
-    """dW (G, D) = dA^T @ X over the window's N positions, X (N, D): cut by positions across the
-    team, each share's product summed into its own array (the first into dW), then the shares
-    added in order (threads.Team: the same cut and order on any thread count)."""
-    N, G = ws.T * ws.B, 4 * ws.config.hidden
-    dA = ws.dA.reshape(N, G)
-    shares = team.shares(N, SHARE_ROWS)
-    parts = [dW] + [ws.partial[i] for i in range(len(shares) - 1)]
-    team.run(lambda lo, hi, slot: kernels.weight_grad(dA[lo:hi], X[lo:hi], parts[slot]), shares)
+def _weight_grad(dZ, X, dW, partial, before=None):
+    """dW (R, D) = dZ^T @ X over the window's N positions, dZ (N, R), X (N, D): cut by positions
+    across the team, each share's product summed into its own array (the first into dW, the
+    others into partial[0], partial[1], ...), then the shares added in order (threads.Team: the
+    same cut and order on any thread count). before(lo, hi), if given, runs first in each share."""
+    shares = team.shares(dZ.shape[0], SHARE_ROWS)
+    parts = [dW] + [partial[i] for i in range(len(shares) - 1)]
+
+    def share(lo, hi, slot):
+        if before is not None:
+            before(lo, hi)
+        kernels.weight_grad(dZ[lo:hi], X[lo:hi], parts[slot])
+    team.run(share, shares)
     for part in parts[1:]:
         dW += part
 
 
 def loss(params, ws, y):
     """Mean cross-entropy in nats over the window's N positions, y (T, B) targets. Leaves
-    dloss/dlogits in ws.P for backward."""
-    w = views(params, ws.config)
-    return kernels.softmax_xent(ws.top(), w["out.W"], w["out.b"], y.reshape(-1), ws.P)
+    dloss/dlogits in ws.P for backward. Cut by positions across the team, each share applying
+    the top layer's dropout, then its logits and softmax; the shares' sums are added in order."""
+    w, L = views(params, ws.config), ws.config.layers
+    top, Wy, by, targets, P = ws.top(), w["out.W"], w["out.b"], y.reshape(-1), ws.P
+    N = P.shape[0]
+    shares = team.shares(N, SHARE_ROWS)
+    totals = [0.0] * len(shares)
+
+    def share(lo, hi, slot):
+        ws.drop(L - 1, lo, hi)
+        totals[slot] = kernels.softmax_xent(top[lo:hi], Wy, by, targets[lo:hi], P[lo:hi], N)
+    team.run(share, shares)
+    return sum(totals) / N
 
 
 def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
@@ -141,11 +169,13 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
     w, g, cfg = views(params, ws.config), views(grads, ws.config), ws.config
     N, H, G = ws.T * ws.B, cfg.hidden, 4 * cfg.hidden
     dA2, dH2 = ws.dA.reshape(N, G), ws.dH.reshape(N, H)
-    # forward: logits = Htop @ Wy.T + by
-    kernels.matmul(ws.P, w["out.W"], dH2)
-    ws.drop_grad(cfg.layers - 1, dH2)
-    kernels.weight_grad(ws.P, ws.top(), g["out.W"])
-    kernels.column_sums(ws.P, g["out.b"])
+    # forward: logits = Htop @ Wy.T + by. Per share of positions: the gradient passed down (through
+    # the top layer's dropout), then its part of Wy's.
+    def passed_down(lo, hi):
+        kernels.matmul(ws.P[lo:hi], w["out.W"], dH2[lo:hi])
+        ws.drop_grad(cfg.layers - 1, dH2, lo, hi)
+    _weight_grad(ws.P, ws.top(), g["out.W"], ws.partial_out, before=passed_down)
+    kernels.column_sums(ws.P, g["out.b"], 0, ws.P.shape[1])
     ready("out")
     for l in reversed(range(cfg.layers)):
         ws.dh[:] = 0
@@ -161,19 +191,27 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
             team.run(lambda lo, hi, slot: recurrent.backward_streams(ws.gates[l], ws.c[l], ws.tc[l], peep, ws.Wb, ws.dH,
                                                                      ws.dA, ws.dh, ws.dc, lo, hi, ws.scratch),
                      team.shares(ws.B, packed.ROWS))
-        _weight_grad(ws, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"])
-        kernels.column_sums(dA2, g[f"l{l}.b"])
+        _weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"], ws.partial)
+        db = g[f"l{l}.b"]
+
+        def column_grads(lo, hi):  # the bias's, and layer 0's one-hot input's
+            kernels.column_sums(dA2, db, lo, hi)
+            if l == 0:
+                kernels.gather_input_grad(ws.dA, x, ws.dWxT0, lo, hi)
+        _by_columns(G, column_grads)
         if cfg.peepholes:
             kernels.peephole_grad(ws.dA, ws.c[l], g[f"l{l}.p"])
         if l == 0:
-            kernels.gather_input_grad(ws.dA, x, ws.dWxT0)
             kernels.transpose_into(ws.dWxT0, g["l0.Wx"])
         else:
-            _weight_grad(ws, ws.output_up(l - 1), g[f"l{l}.Wx"])
-            # the layer below's dloss/dh, from its output's use here: dH = dA @ Wx
+            _weight_grad(dA2, ws.output_up(l - 1), g[f"l{l}.Wx"], ws.partial)
+            # the layer below's dloss/dh, from its output's use here: dH = dA @ Wx, then its dropout
             Wx = w[f"l{l}.Wx"]
-            _by_rows(N, lambda lo, hi: kernels.matmul(dA2[lo:hi], Wx, dH2[lo:hi]))
-            ws.drop_grad(l - 1, dH2)
+
+            def passed_down(lo, hi):
+                kernels.matmul(dA2[lo:hi], Wx, dH2[lo:hi])
+                ws.drop_grad(l - 1, dH2, lo, hi)
+            _by_rows(N, passed_down)
         if dh0 is not None:
             dh0[l], dc0[l] = ws.dh, ws.dc
         ready(f"l{l}")
