@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput, ours against the PyTorch peer, shape by shape in one run.
 
-    python benchmarks/vs_peer.py [--peer ../shared/tools/peer_torch.py] [--threads 2]
+    python benchmarks/vs_peer.py [--peer ../shared/tools/peer_torch.py] [--threads 2] [--shapes 256x1x64x1 ...]
 
 For each shape of charlstm.bench.GRID it runs `charlstm bench --json` and the peer's `speed` mode
 alternately (never at the same time), --repeats times each, and prints the median chars/s of each,
@@ -32,12 +32,14 @@ def main():
     p.add_argument("--corpus", default=str(ROOT / "data" / "tinyshakespeare.txt"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shapes", nargs="*", help="HxBxTxL shapes to run (default: charlstm.bench.GRID)")
     args = p.parse_args()
+    grid = [tuple(map(int, shape.split("x"))) for shape in args.shapes] if args.shapes else GRID
     peak = float(run([sys.executable, "-c", "from charlstm.bench import sgemm_peak; print(sgemm_peak())"]))
     print(f"big sgemm peak (2048^3 float32, same BLAS): {peak:.0f} GFLOP/s\n")
     print(f"{'H':>4} {'B':>3} {'T':>3} {'L':>2} {'ours chars/s':>13} {'torch chars/s':>14} {'ratio':>6} "
           f"{'ours GFLOP/s':>13} {'% of peak':>9}")
-    for H, B, T, L in GRID:
+    for H, B, T, L in grid:
         ours, torch = [], []
         for _ in range(args.repeats):
             ours.append(json.loads(run(["charlstm", "bench", args.corpus, "--hidden", str(H), "--batch-size", str(B),

@@ -11,6 +11,10 @@ with sched_yield, so a thread whose partner lost its core to another process doe
 time slice the partner needs. A thread whose Python work failed sets sync[ABORT]: the others stop
 waiting and return, and the team raises the error.
 
+The team's calls use the same operations as doorbells (`ring`, `wait_for`): a helper waits for
+its next job, and the caller for the helpers' ends, spinning instead of sleeping in the kernel,
+because waking a thread that sleeps costs a VM's idle core 0.2-0.5 ms.
+
 The operations are LLVM atomics emitted through numba.extending.intrinsic (Numba has none); they
 reference `sched_yield` by symbol, so a kernel loaded from the disk cache links it afresh.
 """
@@ -19,7 +23,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from charlstm.jit import inline_kernel
+from charlstm.jit import inline_kernel, kernel
 
 ARRIVED, ABORT = 0, 8  # indices into sync: each on its own 64-byte line
 SYNC_SIZE = 16
@@ -90,6 +94,30 @@ def meet(sync, meeting, threads):
             return False
         spins += 1
         if spins < YIELD_AFTER:
+            _pause()
+        else:
+            _sched_yield()
+    return True
+
+
+# ---------------------------------------------------------------- the team's doorbells (threads.Team)
+
+@kernel
+def ring(counter):
+    """counter[0] += 1, atomically: a job posted, or a job finished."""
+    atomic_add(counter, 0, 1)
+
+
+@kernel
+def wait_for(counter, target, spins):
+    """Wait, without the GIL, until counter[0] >= target: spinning with `pause`, then yielding the
+    core after YIELD_AFTER spins. Gives up after `spins` spins (0: never); returns whether it came."""
+    n = 0
+    while atomic_read(counter, 0) < target:
+        n += 1
+        if spins > 0 and n >= spins:
+            return False
+        if n < YIELD_AFTER:
             _pause()
         else:
             _sched_yield()
