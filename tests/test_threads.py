@@ -83,3 +83,28 @@ def test_switching_threads_every_step_trains_the_same_bytes(tmp_path, corpus, ru
     monkeypatch.setattr(train, "Governor", Alternating)
     assert run_cli("train", corpus, *args, "--out", tmp_path, "--run", "switching").exit_code == 0
     assert arrays(tmp_path / "steady" / "latest.npz") == arrays(tmp_path / "switching" / "latest.npz")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_team_runs_every_share_once_and_passes_errors_on(size):
+    """Team.run: each share once, whatever the thread count; an error in a helper's share reaches
+    the caller, and the team's doorbells stay in step for the calls after it."""
+    import threading as th
+
+    team = threads.Team(3)
+    team.size = size
+    for _ in range(50):
+        done = []
+        team.run(lambda lo, hi, slot: done.append((lo, hi, slot, th.current_thread().name)), team.shares(9, 1))
+        assert sorted(d[:3] for d in done) == [(0, 3, 0), (3, 6, 1), (6, 9, 2)]
+        assert len({d[3] for d in done}) == size  # every thread took part
+
+    def fails_in_the_last(lo, hi, slot):
+        if slot == 2:
+            raise ValueError(f"share {slot} failed")
+    for _ in range(3):
+        with pytest.raises(ValueError, match="share 2 failed"):
+            team.run(fails_in_the_last, team.shares(9, 1))
+    done = []
+    team.run(lambda lo, hi, slot: done.append(slot), team.shares(9, 1))
+    assert sorted(done) == [0, 1, 2]
