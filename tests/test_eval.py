@@ -153,6 +153,20 @@ def test_cli_eval_bad_file_is_one_line(tmp_path, name, content, words):
     assert result.exit_code == 1 and len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
 
 
+def test_the_score_does_not_depend_on_the_thread_count(team_of):
+    """Windows long enough that the batched products are cut in 3 by positions, on 1 and 3 threads."""
+    params, config = make_model(2, True, "float32", hidden=37)
+    ids = np.random.default_rng(3).integers(0, len(VOCAB), 700)
+    scores = []
+    for size in (1, 3):
+        team_of(3, size)
+        scorer = evaluate.Scorer(params, config, window=300)
+        scorer.feed(ids)
+        scores.append(scorer.score())
+    assert scores[0] == scores[1]
+    assert abs(scores[0] - ref_nats(params, config, "".join(VOCAB[i] for i in ids))) < 1e-4
+
+
 def test_a_second_run_compiles_nothing_new():
     from charlstm import kernels, stream_kernels
 
