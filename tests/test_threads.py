@@ -1,6 +1,5 @@
 """threads.Governor: it keeps the thread count that measures faster, and switching counts mid-run
 leaves the trained bytes unchanged (so a run that shared the machine for a while stays exact)."""
-import time
 
 import pytest
 
@@ -12,19 +11,37 @@ from tests.test_train import arrays
 needs_two = pytest.mark.skipif(threads.team.most < 2, reason="needs 2 threads")
 
 
+class Clock:
+    """The governor's clock, made to move only when work says so: work that "takes" 2 ms takes
+    exactly 2 ms, however loaded the machine running the tests is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class Recorder(list):
+    """running: a list holding the count, with the clock beside it."""
+
+
 @pytest.fixture
 def running(monkeypatch):
     """The count threads.use last set, recorded instead of set (so these tests depend on nothing
-    else in the process's Numba state)."""
-    count = [None]
+    else in the process's thread state); the governor reads a Clock that only work moves."""
+    count = Recorder([None])
     monkeypatch.setattr(threads, "use", lambda n: count.__setitem__(0, n))
+    clock = Clock()
+    monkeypatch.setattr(threads, "time", clock)
+    count.clock = clock
     return count
 
 
 def timed_work(seconds_at, running):
-    """Work that takes seconds_at[n] seconds when the governor runs it on n threads."""
+    """Work that takes seconds_at[n] seconds, by the governor's clock, when run on n threads."""
     def work():
-        time.sleep(seconds_at[running[0]])
+        running.clock.now += seconds_at[running[0]]
         return running[0]
     return work
 
