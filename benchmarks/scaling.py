@@ -60,7 +60,7 @@ def worker(a):
         corpus = load_corpus(a.corpus, cache)
         model = ModelConfig(corpus.vocab, a.hidden, a.layers)
         cfg = TrainConfig(batch_size=a.streams * job.size, seq_length=a.seq_length, dropout=a.dropout)
-        params = init_params(model, np.random.default_rng(0))
+        params = init_params(model, np.random.default_rng(0), cfg.init)
         shape = (a.layers, cfg.batch_size, a.hidden)
         state = State(params, new_state(cfg.optim, params), np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         trainer = RankTrainer(job, model, cfg, corpus, FollowerFolder(cache), state, lambda msg: None)

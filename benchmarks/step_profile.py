@@ -75,8 +75,7 @@ def main():
         for _ in range(reps):
             for p in range(0, panels_total, packed.PANELS):
                 for b in range(blocks):
-                    s0 = b * rows_total // blocks
-                    rows = (b + 1) * rows_total // blocks - s0
+                    s0, rows = recurrent._block(0, rows_total, blocks, b)
                     packed.block_product(xf, s0 * K, K, rows, wf, p * K * W, K * W, K, of, s0 * row + p * W, row, W)
 
     @kernel
@@ -126,7 +125,7 @@ def main():
         H, B, T, L = map(int, shape.split("x"))
         model = ModelConfig(vocab, hidden=H, layers=L)
         cfg = TrainConfig(batch_size=B, seq_length=T)
-        params = init_params(model, rng)
+        params = init_params(model, rng, cfg.init)
         grads, state = np.zeros_like(params), new_state(cfg.optim, params)
         ws = network.Workspace(model, B, T, dropout=True)
         fill_masks(ws.masks, cfg.dropout, 0, 1)

@@ -39,7 +39,7 @@ def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, war
 
     model = ModelConfig(vocab, hidden=hidden, layers=layers, dtype=dtype)
     cfg = TrainConfig(batch_size=batch_size, seq_length=seq_length)
-    params = init_params(model, np.random.default_rng(0))
+    params = init_params(model, np.random.default_rng(0), cfg.init)
     grads, optim_state = np.zeros_like(params), new_state(cfg.optim, params)
     ws = network.Workspace(model, batch_size, seq_length)
     h = np.zeros((layers, batch_size, hidden), dtype=dtype)
