@@ -1,15 +1,15 @@
 """The BLAS the kernels call (SciPy's OpenBLAS, through Numba's np.dot) runs on one thread, always.
 
-THE THREADING RULE (threads.py) gives every thread to charlstm's own: the team's Python threads
-(B > 1) or Numba's (the one-stream sweeps). BLAS runs the products left to it (the logits and
-their gradients, and the batched products where H does not fill whole panel pairs) inside them,
-on the calling thread. Two reasons, both measured: OpenBLAS's workers spin for about 0.1 s after
+THE THREADING RULE (threads.py) gives every thread to charlstm's own team. BLAS runs the batched
+products (input terms, logits, weight gradients, the gradient passed down) inside the team's
+threads, one share of rows or positions each, on the calling thread. Two reasons, both measured: OpenBLAS's workers spin for about 0.1 s after
 each product and took a core from the team (a dWh product followed by the backward loop took 37
 ms where the two alone took 24, at H=256, B=32 on 2 cores); and its results depend on its thread
 count (the weight gradients at B=50, T=50 differ in the last bits on 1 and 2 threads), so a run
 whose thread count the governor changes would not train the same bytes.
 
-OPENBLAS_NUM_THREADS is read only when the library loads; `single_threaded` sets the count after.
+OPENBLAS_NUM_THREADS is read only when the library loads; importing this module sets the count to
+one after (set_threads(1) at the bottom).
 Where the library or its functions are not found (another SciPy build), it does nothing.
 """
 import ctypes
