@@ -29,7 +29,6 @@ def forward_streams(A, Wf, peep, h, c, tc, lo, hi, scratch):
     U, _, _, W = Wf.shape
     wf, out, row, width = Wf.reshape(-1), scratch.reshape(-1), scratch.shape[1], U * W
     blocks = -(-(hi - lo) // ROWS)
-    peepholes = peep.shape[0] > 0
     for t in range(T):
         ht = h[t].reshape(-1)
         # Panel pairs outside, stream blocks inside: a pair (2 x H x W, 32 KB at H=256 in float32)
@@ -40,16 +39,27 @@ def forward_streams(A, Wf, peep, h, c, tc, lo, hi, scratch):
                 s0, rows = _block(lo, hi, blocks, b)
                 block_product(ht, s0 * H, H, rows, wf, p * H * W, H * W, H, out, s0 * row + to, row, width)
         for s in range(lo, hi):
-            a, z = A[t, s], scratch[s]
-            # Views, so every index below is a loop counter from 0 (Numba's negative-index check
-            # on an offset index would stop LLVM vectorizing the gate math).
-            gate_views = (a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:],
-                          z[:H], z[width:width + H], z[2 * width:2 * width + H], z[3 * width:3 * width + H])
-            state_views = (c[t, s], c[t + 1, s], h[t + 1, s], tc[t, s])
-            if peepholes:
-                _cell_peep(gate_views, state_views, peep[:H], peep[H:2 * H], peep[2 * H:])
-            else:
-                _cell(gate_views, state_views)
+            cell_units(A[t, s], scratch[s], width, peep, c[t, s], c[t + 1, s], h[t + 1, s], tc[t, s], 0, H)
+
+
+@inline_kernel
+def cell_units(a, z, width, peep, c_prev, c_new, h_new, tc, lo, hi):
+    """The gate math of units lo..hi-1 of one stream at one step (B > 1 runs all H units of a stream;
+    one stream, stream_kernels.py, a thread's share of them).
+
+    a (G,)  in: the input terms (+ bias); out: the gates i, f, o, g after their nonlinearity
+    z       the recurrent products: gate q of unit k at z[q * width + k]
+    peep (3H,) or (0,);  c_prev, c_new, h_new, tc (H,): c_{t-1} in; c_t, h_t, tanh(c_t) out
+    Through views, so every index in the loops is a loop counter from 0 (Numba's negative-index
+    check on an offset index would stop LLVM vectorizing the gate math)."""
+    H = c_new.shape[0]
+    gate_views = (a[lo:hi], a[H + lo:H + hi], a[2 * H + lo:2 * H + hi], a[3 * H + lo:3 * H + hi],
+                  z[lo:hi], z[width + lo:width + hi], z[2 * width + lo:2 * width + hi], z[3 * width + lo:3 * width + hi])
+    state_views = (c_prev[lo:hi], c_new[lo:hi], h_new[lo:hi], tc[lo:hi])
+    if peep.shape[0] > 0:
+        _cell_peep(gate_views, state_views, peep[lo:hi], peep[H + lo:H + hi], peep[2 * H + lo:2 * H + hi])
+    else:
+        _cell(gate_views, state_views)
 
 
 @inline_kernel
@@ -99,7 +109,6 @@ def backward_streams(gates, c, tc, peep, Wb, dH, dA, dh, dc, lo, hi, scratch):
     H = G // 4
     Ub, _, W = Wb.shape
     wb = Wb.reshape(-1)
-    peepholes = peep.shape[0] > 0
     for t in range(T - 1, -1, -1):
         if t < T - 1:
             _dh_products(dA[t + 1], lo, hi, wb, Ub, W, G, scratch)
@@ -107,14 +116,7 @@ def backward_streams(gates, c, tc, peep, Wb, dH, dA, dh, dc, lo, hi, scratch):
             for s in range(lo, hi):
                 scratch[s, :H] = dh[s]
         for s in range(lo, hi):
-            gs, das = gates[t, s], dA[t, s]
-            gate_views = (gs[:H], gs[H:2 * H], gs[2 * H:3 * H], gs[3 * H:],
-                          das[:H], das[H:2 * H], das[2 * H:3 * H], das[3 * H:])
-            state_views = (c[t, s], tc[t, s], dH[t, s], dc[s], scratch[s, :H])
-            if peepholes:
-                _cell_grad_peep(gate_views, state_views, peep[:H], peep[H:2 * H], peep[2 * H:])
-            else:
-                _cell_grad(gate_views, state_views)
+            cell_grad_units(gates[t, s], dA[t, s], peep, c[t, s], tc[t, s], dH[t, s], dc[s], scratch[s], 0, H)
     _dh_products(dA[0], lo, hi, wb, Ub, W, G, scratch)  # dloss/dh_0 = dA[0] @ Wh, for the caller
     for s in range(lo, hi):
         dh[s] = scratch[s, :H]
@@ -139,6 +141,23 @@ def _block(lo, hi, blocks, b):
     n = hi - lo
     first = lo + b * n // blocks
     return first, lo + (b + 1) * n // blocks - first
+
+
+@inline_kernel
+def cell_grad_units(g, da, peep, c_prev, tc, dHt, dc, dh_next, lo, hi):
+    """The gate gradients of units lo..hi-1 of one stream at one step (as cell_units, backward).
+
+    g (G,) the gates i, f, o, g;  da (G,) out: dloss/d(pre-activations);  peep (3H,) or (0,)
+    c_prev, tc (H,): c_{t-1}, tanh(c_t);  dHt (H,) in: dloss/dh_t from above, out: the total;
+    dc (H,) in: dloss/dc_t, out: dloss/dc_{t-1};  dh_next: dloss/dh_t through Wh (units lo..hi-1)"""
+    H = c_prev.shape[0]
+    gate_views = (g[lo:hi], g[H + lo:H + hi], g[2 * H + lo:2 * H + hi], g[3 * H + lo:3 * H + hi],
+                  da[lo:hi], da[H + lo:H + hi], da[2 * H + lo:2 * H + hi], da[3 * H + lo:3 * H + hi])
+    state_views = (c_prev[lo:hi], tc[lo:hi], dHt[lo:hi], dc[lo:hi], dh_next[lo:hi])
+    if peep.shape[0] > 0:
+        _cell_grad_peep(gate_views, state_views, peep[lo:hi], peep[H + lo:H + hi], peep[2 * H + lo:2 * H + hi])
+    else:
+        _cell_grad(gate_views, state_views)
 
 
 @inline_kernel

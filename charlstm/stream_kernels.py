@@ -26,7 +26,7 @@ import numpy as np
 from charlstm.barrier import meet
 from charlstm.jit import inline_kernel, kernel
 from charlstm.packed import pack_columns, pack_forward, row_product
-from charlstm.recurrent import _cell, _cell_grad, _cell_grad_peep, _cell_peep
+from charlstm.recurrent import cell_grad_units, cell_units
 
 
 @inline_kernel
@@ -53,13 +53,7 @@ def step_share(Wf, v, a, peep, c_prev, c_new, tc, h_new, z, share, shares):
     wf = Wf.reshape(-1)
     for u in range(u0, u0 + units):  # the unit block's 4 gate panels in one call
         row_product(v, 0, wf, u * 4 * Kmax * W, Kmax * W, K, z, u * W, width, 4)
-    gate_views = (a[lo:hi], a[H + lo:H + hi], a[2 * H + lo:2 * H + hi], a[3 * H + lo:3 * H + hi],
-                  z[lo:hi], z[width + lo:width + hi], z[2 * width + lo:2 * width + hi], z[3 * width + lo:3 * width + hi])
-    state_views = (c_prev[lo:hi], c_new[lo:hi], h_new[lo:hi], tc[lo:hi])
-    if peep.shape[0] > 0:
-        _cell_peep(gate_views, state_views, peep[lo:hi], peep[H + lo:H + hi], peep[2 * H + lo:2 * H + hi])
-    else:
-        _cell(gate_views, state_views)
+    cell_units(a, z, width, peep, c_prev, c_new, h_new, tc, lo, hi)
 
 
 # ---------------------------------------------------------------- entry points (Team.together)
@@ -106,14 +100,7 @@ def backward_one(gates, c, tc, peep, Wh, Wb, dH, dA, dh, dc, dh_next, rank, thre
                 row_product(dA[t + 1], 0, wb, u0 * G * W, G * W, G, dh_next, u0 * W, W, units)
             else:  # from after the window: the dh given
                 dh_next[lo:hi] = dh[lo:hi]
-            g, d = gates[t], dA[t]
-            gate_views = (g[lo:hi], g[H + lo:H + hi], g[2 * H + lo:2 * H + hi], g[3 * H + lo:3 * H + hi],
-                          d[lo:hi], d[H + lo:H + hi], d[2 * H + lo:2 * H + hi], d[3 * H + lo:3 * H + hi])
-            state_views = (c[t, lo:hi], tc[t, lo:hi], dH[t, lo:hi], dc[lo:hi], dh_next[lo:hi])
-            if peep.shape[0] > 0:
-                _cell_grad_peep(gate_views, state_views, peep[lo:hi], peep[H + lo:H + hi], peep[2 * H + lo:2 * H + hi])
-            else:
-                _cell_grad(gate_views, state_views)
+            cell_grad_units(gates[t], dA[t], peep, c[t], tc[t], dH[t], dc, dh_next, lo, hi)
         if not meet(sync, T - t, threads):  # step t-1 reads all of dA[t]
             return
     for share in range(rank, shares, threads):  # dloss/dh_0 = dA[0] @ Wh, for the caller
