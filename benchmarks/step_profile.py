@@ -57,14 +57,14 @@ def main():
     set_threads(args.threads)
     import numpy as np
 
-    from charlstm import kernels, network, packed, recurrent, stream_kernels
+    from charlstm.engine import kernels, network, packed, recurrent, stream_kernels
     from charlstm.bench import sgemm_peak
     from charlstm.config import ModelConfig, TrainConfig
-    from charlstm.dropout import fill_masks
-    from charlstm.jit import kernel
+    from charlstm.engine.dropout import fill_masks
+    from charlstm.engine.jit import kernel
     from charlstm.model import init_params, views
     from charlstm.optim import new_state
-    from charlstm.threads import team, use
+    from charlstm.engine.threads import team, use
     from charlstm.train import train_step
 
     @kernel

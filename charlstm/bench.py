@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from charlstm import network
+from charlstm.engine import network
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.data import Batcher
 from charlstm.model import init_params
@@ -34,7 +34,7 @@ def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, war
     """chars/s and GFLOP/s of full training steps on successive windows of `ids`, timed for at
     least `seconds` after `warmup` untimed steps."""
     from charlstm.optim import new_state
-    from charlstm.threads import Governor
+    from charlstm.engine.threads import Governor
     from charlstm.train import train_step
 
     model = ModelConfig(vocab, hidden=hidden, layers=layers, dtype=dtype)
@@ -64,8 +64,8 @@ def sgemm_peak(threads=None, n=2048, reps=8):
     threads (default: all cores; charlstm itself keeps BLAS on one, blas.py)."""
     import os
 
-    from charlstm import blas
-    from charlstm.kernels import matmul
+    from charlstm.engine import blas
+    from charlstm.engine.kernels import matmul
 
     blas.set_threads(threads or os.cpu_count())
     try:

@@ -23,8 +23,8 @@ def set_threads(threads):
         return
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    if "charlstm.threads" in sys.modules:
-        from charlstm.threads import use
+    if "charlstm.engine.threads" in sys.modules:
+        from charlstm.engine.threads import use
 
         use(threads)
     else:

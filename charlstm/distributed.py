@@ -38,11 +38,11 @@ import click
 import numpy as np
 from mpi4py import MPI
 
-from charlstm.dropout import fill_masks
+from charlstm.engine.dropout import fill_masks
 from charlstm.errors import UserError
 from charlstm.model import layout
 from charlstm.optim import scale
-from charlstm.threads import team
+from charlstm.engine.threads import team
 from charlstm.train import Trainer, read_corpus, train_step
 
 CHECK_EVERY = 100  # steps between comparisons of the ranks' parameter checksums

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from charlstm import kernels, packed, stream_kernels
-from charlstm.jit import is_cached
+from charlstm.engine import kernels, packed, stream_kernels
+from charlstm.engine.jit import is_cached
 from charlstm.data import CHUNK_BYTES, MAX_CODE_POINT, _code_points, _decoder, _open
 from charlstm.errors import UserError
-from charlstm.threads import team
+from charlstm.engine.threads import team
 from charlstm.model import views
 from charlstm.sample import show_chars
 

@@ -9,9 +9,9 @@ masks is drawn and held fixed: the loss is then a smooth function of the weights
 """
 import numpy as np
 
-from charlstm import network
+from charlstm.engine import network
 from charlstm.config import ModelConfig
-from charlstm.dropout import fill_masks
+from charlstm.engine.dropout import fill_masks
 from charlstm.model import layout, param_count
 
 EPS = 1e-4

@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from charlstm.config import OPTIMIZER_STATE
-from charlstm.jit import kernel, like
+from charlstm.engine.jit import kernel, like
 
 @kernel
 def sum_of_squares(g):

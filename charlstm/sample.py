@@ -14,11 +14,11 @@ and grow to CHUNK_MAX. Memory stays constant however long the sample.
 
 import numpy as np
 
-from charlstm import packed, stream_kernels
-from charlstm.jit import is_cached
+from charlstm.engine import packed, stream_kernels
+from charlstm.engine.jit import is_cached
 from charlstm.errors import UserError
 from charlstm.model import views
-from charlstm.threads import team
+from charlstm.engine.threads import team
 
 CHUNK_MIN, CHUNK_MAX = 64, 2048  # characters per kernel call
 NO_UNIFORMS, NO_IDS = np.zeros(0), np.zeros(0, np.int64)  # a feed draws nothing

@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from charlstm import network
+from charlstm.engine import network
 from charlstm.checkpoint import load_checkpoint
 from charlstm.config import ModelConfig
 from charlstm.data import Batcher, file_sha256, load_corpus, split
-from charlstm.dropout import fill_masks
+from charlstm.engine.dropout import fill_masks
 from charlstm.errors import UserError
 from charlstm.model import init_params, param_count
 from charlstm.optim import clip_gradients, new_state, sum_of_squares, update
 from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.sample import Stream, generate
 from charlstm.schedule import dropout_at, lr_at
-from charlstm.threads import Governor
+from charlstm.engine.threads import Governor
 from charlstm.validate import validation_loss
 
 EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN/inf
@@ -322,8 +322,8 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, qui
 def kernels_cached(ws):
     """Whether the kernels training with workspace ws runs are in Numba's disk cache (so no
     compile is coming)."""
-    from charlstm import recurrent, stream_kernels
-    from charlstm.jit import is_cached
+    from charlstm.engine import recurrent, stream_kernels
+    from charlstm.engine.jit import is_cached
 
     if ws.B == 1:
         return is_cached(stream_kernels.forward_one, stream_kernels.backward_one)

@@ -27,7 +27,7 @@ TINY = ["--hidden", "12", "--layers", "2", "--batch-size", "4", "--seq-length", 
 @pytest.fixture(autouse=True)
 def whole_team():
     """Every test starts with the team as the process made it (--threads 1 in a test sets its size)."""
-    from charlstm.threads import team
+    from charlstm.engine.threads import team
 
     most, size = team.most, team.size
     yield
@@ -37,7 +37,7 @@ def whole_team():
 @pytest.fixture
 def team_of():
     """team_of(most, size): cut the engine's work into `most` shares and run them on `size` threads."""
-    from charlstm.threads import team
+    from charlstm.engine.threads import team
 
     def set_team(most, size):
         team.most, team.size = most, size

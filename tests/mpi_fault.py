@@ -9,7 +9,8 @@ nudges one parameter after step STEP, which the ranks' checksum comparison must 
 import os
 import sys
 
-from charlstm import network, train
+from charlstm import train
+from charlstm.engine import network
 from charlstm.cli import cli
 
 rank, step, kind = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

@@ -1,7 +1,7 @@
 """BLAS runs on one thread whatever the thread count (blas.py: THE THREADING RULE)."""
 import pytest
 
-from charlstm import blas, threads
+from charlstm.engine import blas, threads
 
 
 def test_blas_stays_on_one_thread():

@@ -14,7 +14,8 @@ import pytest
 from numba.core import config as numba_config
 from numba.core.caching import IndexDataCacheFile
 
-from charlstm import checkpoint, data, jit
+from charlstm import checkpoint, data
+from charlstm.engine import jit
 from charlstm.checkpoint import load_checkpoint
 from charlstm.runs import TEMP_FILE, RunFolder
 

@@ -5,7 +5,7 @@ finite differences in test_gradcheck."""
 import numpy as np
 import pytest
 
-from charlstm.dropout import fill_masks, step_key
+from charlstm.engine.dropout import fill_masks, step_key
 
 
 def numpy_masks(shape, p, seed, step):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from charlstm import evaluate, stream_kernels
+from charlstm import evaluate
+from charlstm.engine import stream_kernels
 from charlstm.checkpoint import save_checkpoint
 from charlstm.cli import cli
 from charlstm.config import ModelConfig, TrainConfig
@@ -168,7 +169,7 @@ def test_the_score_does_not_depend_on_the_thread_count(team_of):
 
 
 def test_a_second_run_compiles_nothing_new():
-    from charlstm import kernels, stream_kernels
+    from charlstm.engine import kernels, stream_kernels
 
     def score(layers, peepholes, dtype, seed):
         scorer = evaluate.Scorer(*make_model(layers, peepholes, dtype, seed), window=8)

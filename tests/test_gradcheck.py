@@ -26,7 +26,7 @@ def test_gradients_with_dropout_match_finite_differences(layers, B):
 
 def test_gradcheck_catches_a_wrong_gradient(monkeypatch):
     """The check can fail: break the backward's output-bias gradient and it must be reported."""
-    from charlstm import kernels, network
+    from charlstm.engine import kernels, network
 
     real = kernels.column_sums
 

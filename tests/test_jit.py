@@ -9,15 +9,15 @@ import pytest
 from numba.core.registry import CPUDispatcher
 
 import charlstm
-from charlstm import barrier, jit
-from charlstm.threads import Team
+from charlstm.engine import barrier, jit
+from charlstm.engine.threads import Team
 
 
 def package_objects():
-    for info in pkgutil.iter_modules(charlstm.__path__):
-        if info.name in ("__main__", "cli", "distributed", "mpi"):  # mpi4py: an optional extra
+    for info in pkgutil.walk_packages(charlstm.__path__, prefix="charlstm."):
+        if info.name.rsplit(".", 1)[-1] in ("__main__", "cli", "distributed", "mpi"):  # mpi4py: an optional extra
             continue
-        module = importlib.import_module(f"charlstm.{info.name}")
+        module = importlib.import_module(info.name)
         yield from ((f"{info.name}.{name}", value) for name, value in vars(module).items())
 
 

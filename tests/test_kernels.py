@@ -3,7 +3,7 @@ L = 1 and 2, peepholes on and off, B = 1 and > 1, T = 1 and > 1, float64 and flo
 import numpy as np
 import pytest
 
-from charlstm import jit, kernels, network, packed, recurrent, stream_kernels
+from charlstm.engine import jit, kernels, network, packed, recurrent, stream_kernels
 from charlstm.config import ModelConfig
 from charlstm.model import init_params, param_count, views
 
@@ -60,7 +60,7 @@ def test_engine_matches_reference(monkeypatch, layers, peepholes, B, H, dtype, t
     """The packed micro-kernel and fused gates (recurrent.py) and the batched products cut across
     the team, against the NumPy reference, with dropout, on one thread and on two, which give the
     very same bits."""
-    from charlstm.threads import team
+    from charlstm.engine.threads import team
 
     case = random_case(layers, peepholes, B, 5, dtype, hidden=H)
     masks = random_masks(case[0], B, 5, p=0.3, seed=2)
@@ -150,7 +150,7 @@ def test_one_stream_split_across_threads_matches_reference(team_of, layers, peep
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("layers,peepholes,B", [(1, False, 3), (2, True, 3), (2, False, 1), (3, True, 2)])
 def test_dropout_matches_reference(layers, peepholes, B, dtype, tol):
-    """With dropout masks (zeros and 1/(1-p), as charlstm.dropout makes them) between layers and
+    """With dropout masks (zeros and 1/(1-p), as charlstm.engine.dropout makes them) between layers and
     before the softmax, on both the batch and the one-stream paths."""
     case = random_case(layers, peepholes, B, 5, dtype)
     masks = random_masks(case[0], B, 5, p=0.4, seed=1)

@@ -108,7 +108,7 @@ def test_backward_hands_each_group_to_the_reduction_once_final(peepholes, B):
     """network.backward calls ready(group) for "out", then the layers top down, each when its span
     of grads (group_spans, which tile the buffer) holds its final values: an Iallreduce in flight
     on that span would see no later write. B = 1 runs the one-stream kernels."""
-    from charlstm import network
+    from charlstm.engine import network
     from charlstm.distributed import group_spans
 
     from tests.test_kernels import random_case

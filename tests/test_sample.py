@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from charlstm import sample, stream_kernels
+from charlstm import sample
+from charlstm.engine import stream_kernels
 from charlstm.checkpoint import save_checkpoint
 from charlstm.cli import cli
 from charlstm.config import ModelConfig, TrainConfig

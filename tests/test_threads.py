@@ -3,7 +3,8 @@ leaves the trained bytes unchanged (so a run that shared the machine for a while
 
 import pytest
 
-from charlstm import blas, threads, train
+from charlstm import train
+from charlstm.engine import blas, threads
 
 from tests.conftest import TINY
 from tests.test_train import arrays

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from charlstm import network
+from charlstm.engine import network
 from charlstm.checkpoint import load_checkpoint
 from charlstm.data import split
 from charlstm.train import EXIT_NONFINITE
@@ -212,7 +212,8 @@ def test_sigint_saves_and_resume_matches_straight_run(tmp_path, corpus, run_cli)
 def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
     """B = 1 trains with the one-stream kernels, B > 1 with the batch ones: "compiling kernels"
     must be decided on the ones this run calls."""
-    from charlstm import jit, recurrent, stream_kernels, train
+    from charlstm import train
+    from charlstm.engine import jit, recurrent, stream_kernels
     from charlstm.config import ModelConfig
 
     asked = []

@@ -36,8 +36,8 @@ from collections import deque
 import numba
 import numpy as np
 
-from charlstm import barrier
-from charlstm.barrier import ABORT, SYNC_SIZE
+from charlstm.engine import barrier
+from charlstm.engine.barrier import ABORT, SYNC_SIZE
 
 PROBE_EVERY = 2.0  # seconds between probes of the other thread count (the first comes sooner),
 PROBE_SHARE = 0.05  # or more: at most this share of the time goes to probing (a slower count)

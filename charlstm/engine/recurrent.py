@@ -13,8 +13,8 @@ Shapes (kernels.py's letters): A and gates (T, B, G), h and c (T+1, B, H), tc (T
 dH (T, B, H), dA (T, B, G), dh and dc (B, H), peep (3H,) or length 0; Wf and Wb as packed.py.
 The math is kernels.py's docstrings' (reference: tests/reference.py).
 """
-from charlstm.jit import inline_kernel, kernel, sigmoid, tanh
-from charlstm.packed import PANELS, ROWS, block_product
+from charlstm.engine.jit import inline_kernel, kernel, sigmoid, tanh
+from charlstm.engine.packed import PANELS, ROWS, block_product
 
 
 @kernel

@@ -23,10 +23,10 @@ import math
 
 import numpy as np
 
-from charlstm.barrier import meet
-from charlstm.jit import inline_kernel, kernel
-from charlstm.packed import pack_columns, pack_forward, row_product
-from charlstm.recurrent import cell_grad_units, cell_units
+from charlstm.engine.barrier import meet
+from charlstm.engine.jit import inline_kernel, kernel
+from charlstm.engine.packed import pack_columns, pack_forward, row_product
+from charlstm.engine.recurrent import cell_grad_units, cell_units
 
 
 @inline_kernel

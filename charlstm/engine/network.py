@@ -5,10 +5,10 @@ step), with every array preallocated in a Workspace for one (config, B, T).
 """
 import numpy as np
 
-from charlstm import blas  # noqa: F401  (from its import on, BLAS runs on one thread: see blas.py)
-from charlstm import kernels, packed, recurrent, stream_kernels
-from charlstm.model import views
-from charlstm.threads import team
+from charlstm.engine import blas  # noqa: F401  (from its import on, BLAS runs on one thread: see blas.py)
+from charlstm.engine import kernels, packed, recurrent, stream_kernels
+from charlstm.engine.layout import views
+from charlstm.engine.threads import team
 
 
 class Workspace:
@@ -17,7 +17,7 @@ class Workspace:
     P (N, V), dA (T, B, G), dH (T, B, H), dh and dc (B, H), layer 0's transposed Wx (V, G), and
     the Wh of the layer at work packed forward and backward (packed.py).
 
-    With dropout, `masks` (L, N, H) holds this step's dropout masks (charlstm.dropout; the caller
+    With dropout, `masks` (L, N, H) holds this step's dropout masks (charlstm.engine.dropout; the caller
     fills them before forward) and `dropped` (L, N, H) each layer's outputs through its mask, as
     the layer above or the softmax sees them. Without, both are None."""
 

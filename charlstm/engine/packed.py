@@ -29,7 +29,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from charlstm.jit import kernel
+from charlstm.engine.jit import kernel
 
 VECTOR_BYTES = 64 if "+avx512f" in llvm_binding.get_host_cpu_features().flatten() else 32
 # A micro-kernel call: ROWS rows of x times PANELS panels. ROWS x PANELS accumulators + PANELS panel

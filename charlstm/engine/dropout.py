@@ -12,7 +12,7 @@ the unit when its top 24 bits fall below p * 2^24.
 """
 import numpy as np
 
-from charlstm.jit import kernel
+from charlstm.engine.jit import kernel
 
 UNIFORM_BITS = 24
 _GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

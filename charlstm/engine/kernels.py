@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from charlstm.jit import kernel, like
+from charlstm.engine.jit import kernel, like
 
 
 # ---------------------------------------------------------------- input terms (batched over time)

@@ -23,7 +23,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from charlstm.jit import inline_kernel, kernel
+from charlstm.engine.jit import inline_kernel, kernel
 
 ARRIVED, ABORT = 0, 8  # indices into sync: each on its own 64-byte line
 SYNC_SIZE = 16

@@ -1,0 +1,19 @@
+"""The engine: how one training step, one scored character or one sampled character computes.
+
+The tool around it (cli, train, sample, evaluate, checkpoint, data, ...) calls the engine; nothing
+here imports the tool. Top-down:
+
+    network.py         one window through all layers: the output layer, the loss, every gradient
+    recurrent.py       one layer's time loop over many streams, and the gate math (one cell for
+                       every path)
+    stream_kernels.py  the one-stream path (B = 1, eval, sampling): each thread owns a share of the
+                       hidden units and meets the others once a step
+    packed.py          Wh packed for the micro-kernels, and the micro-kernels themselves
+    kernels.py         the batched products and the softmax/loss around the time loop
+    dropout.py         dropout masks from counter-based random numbers (the same on any thread count)
+    layout.py          the flat parameter buffer and its named views
+    threads.py         who owns threads (the one threading rule) and how many run (the Governor)
+    barrier.py         how threads meet inside a kernel: a spin barrier on LLVM atomics
+    blas.py            the BLAS Numba calls, kept to one thread
+    jit.py             compile flags, the typed nonlinearities and the disk-cache policy, in one place
+"""
