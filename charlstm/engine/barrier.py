@@ -6,9 +6,9 @@ team call hands all its threads one zeroed `sync` array (threads.Team.together);
 e-th time, a thread adds 1 to sync[ARRIVED] and waits until it reaches e * threads. Measured on 2
 cores (Intel Xeon 2.8 GHz): 0.16-0.24 us a meeting, against ~5 us for a Numba parallel launch.
 
-Waiting spins with the CPU's `pause` and, after YIELD_AFTER spins (~10 us), gives the core away
-with sched_yield, so a thread whose partner lost its core to another process does not burn the
-time slice the partner needs. A thread whose Python work failed sets sync[ABORT]: the others stop
+Waiting spins with the CPU's spin-wait hint and, after YIELD_AFTER spins (~10 us), gives the core
+away (sched_yield, or SwitchToThread on Windows), so a thread whose partner lost its core to another
+process does not burn the time slice the partner needs. target.py chooses both for the machine. A thread whose Python work failed sets sync[ABORT]: the others stop
 waiting and return, and the team raises the error.
 
 The team's calls use the same operations as doorbells (`ring`, `wait_for`): a helper waits for
@@ -16,7 +16,18 @@ its next job, and the caller for the helpers' ends, spinning instead of sleeping
 because waking a thread that sleeps costs a VM's idle core 0.2-0.5 ms.
 
 The operations are LLVM atomics emitted through numba.extending.intrinsic (Numba has none); they
-reference `sched_yield` by symbol, so a kernel loaded from the disk cache links it afresh.
+call the yield by symbol (target.YIELD_SYMBOL), so a kernel loaded from the disk cache links it afresh.
+
+MEMORY ORDER. Every handoff publishes with release and observes with acquire, so it holds on
+weakly ordered CPUs (ARM) by construction, not by x86's strong ordering (which QEMU also gives ARM
+code, so emulation cannot show a missing barrier):
+  - meet: each thread's add to sync[ARRIVED] is acq_rel, so everything it wrote before meeting
+    (its units of h_t, sampling's next state copy) is released; the adds form one release
+    sequence, and a waiter's acquire load that sees the count reach meeting * threads therefore
+    sees every thread's writes before the meeting.
+  - ring / wait_for (the team's doorbells): the poster zeroes `sync` and the finisher writes its
+    results before its acq_rel add; the waiter's acquire load that sees the count sees them.
+  - sync[ABORT] publishes nothing but itself: a plain store, read with acquire.
 """
 from llvmlite import ir
 from numba import types
@@ -24,6 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from charlstm.engine.jit import inline_kernel, kernel
+from charlstm.engine.target import ARCH, CAN_YIELD, SPIN_HINTS, YIELD_SYMBOL
 
 ARRIVED, ABORT = 0, 8  # indices into sync: each on its own 64-byte line
 SYNC_SIZE = 16
@@ -36,13 +48,13 @@ def _element_pointer(context, builder, array_type, array, index):
 
 @intrinsic
 def atomic_add(typingctx, array, index, value):
-    """array[index] += value atomically (sequentially consistent); returns the old value."""
+    """array[index] += value atomically, acquire and release (module docstring); returns the old value."""
     sig = types.int64(array, types.int64, types.int64)
 
     def codegen(context, builder, sig, args):
         array, index, value = args
         return builder.atomic_rmw("add", _element_pointer(context, builder, sig.args[0], array, index), value,
-                                  "seq_cst")
+                                  "acq_rel")
     return sig, codegen
 
 
@@ -59,24 +71,36 @@ def atomic_read(typingctx, array, index):
 
 @intrinsic
 def _pause(typingctx):
-    """The CPU's spin-wait hint (x86 `pause`): the waiting loop yields pipeline resources."""
+    """The CPU's spin-wait hint (x86 `pause`, AArch64 `yield`; none elsewhere): the waiting loop
+    yields pipeline resources to the other hardware thread and saves power."""
     sig = types.void()
 
     def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
-        builder.call(fn, [])
+        emit_spin_hint(builder, ARCH)
         return context.get_dummy_value()
     return sig, codegen
 
 
+def emit_spin_hint(builder, arch):
+    """Call `arch`'s spin-wait hint (target.SPIN_HINTS) at the builder's position, if it has one."""
+    if arch in SPIN_HINTS:
+        name, constants = SPIN_HINTS[arch]
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i32] * len(constants)), name)
+        builder.call(fn, [ir.Constant(i32, c) for c in constants])
+
+
 @intrinsic
 def _sched_yield(typingctx):
-    """libc's sched_yield(): give the core to another runnable thread."""
-    sig = types.int32()
+    """Give the core to another runnable thread: the OS's call bound to target.YIELD_SYMBOL
+    (sched_yield, SwitchToThread); nothing where the OS has neither (the loop then only spins)."""
+    sig = types.void()
 
     def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
-        return builder.call(fn, [])
+        if CAN_YIELD:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), YIELD_SYMBOL)
+            builder.call(fn, [])
+        return context.get_dummy_value()
     return sig, codegen
 
 

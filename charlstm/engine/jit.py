@@ -22,6 +22,8 @@ from numba import njit, types
 from numba.core.caching import FunctionCache
 from numba.extending import overload
 
+from charlstm.engine.target import SHAPE
+
 # One place for the fastmath flags. No `nnan`/`ninf`: the trainer must see NaN and inf.
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
@@ -53,6 +55,12 @@ _warned = False
 class _SoftCache(FunctionCache):
     """Numba's per-function disk cache; any error reading or writing it disables it (for this
     kernel) and the kernel is compiled in memory, as with cache=False."""
+
+    def _index_key(self, sig, codegen):
+        # Numba keys an entry on the signature, the target (triple, CPU, features) and the code;
+        # the micro-kernel's shape is a Python-level choice it cannot see, and a forced one
+        # (CHARLSTM_KERNEL_SHAPE) must never load kernels compiled for another.
+        return super()._index_key(sig, codegen) + (SHAPE.name,)
 
     def load_overload(self, sig, target_context):
         try:

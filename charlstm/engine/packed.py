@@ -3,15 +3,15 @@ micro-kernel, which the recurrent kernels (recurrent.py) call at every step.
 
 Per step, a layer needs z = h_{t-1} @ Wh.T, (B, H)(H, G), forward and dh_{t-1} = dA_t @ Wh,
 (B, G)(G, H), backward. BLAS re-packs Wh for every such call; here Wh is packed once per window
-into panels of LANES columns (one vector register: 16 floats with AVX-512, 8 with AVX2; half as
-many doubles), each panel K-major so the micro-kernel reads it as one contiguous stream:
+into panels of LANES columns (one vector register: 16 floats with AVX-512, 8 with AVX2, 4 with
+NEON; half as many doubles), each panel K-major so the micro-kernel reads it as one contiguous stream:
 
     forward   Wf (U, 4, H, LANES)   Wf[u, q, k, j] = Wh[q*H + u*LANES + j, k]
               the 4 panels of unit block u are gates i, f, o, g of the same LANES units, so one
               micro-kernel call yields every gate of those units and the cell update can follow
               while they are in L1.
     backward  Wb (Ub, G, LANES)     Wb[u, k, j] = Wh[k, u*LANES + j]
-              4 consecutive unit blocks per call (Ub a multiple of 4).
+              PANELS consecutive unit blocks per call (Ub a multiple of PANELS).
 Units past H are zero rows (H need not be a multiple of LANES); their outputs are never read.
 
 The micro-kernel, `block_product`, computes ROWS x 4 vector accumulators over the whole K loop in
@@ -22,7 +22,6 @@ panels, a broadcast of each x entry, llvm.fma on <LANES x float>. Every output i
 ascending order by fma, whatever `rows` is, so a stream's result does not depend on which
 streams share its block (or thread): runs are the same bytes for any thread count.
 """
-import llvmlite.binding as llvm_binding
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -30,14 +29,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from charlstm.engine.jit import kernel
+from charlstm.engine.target import SHAPE
 
-VECTOR_BYTES = 64 if "+avx512f" in llvm_binding.get_host_cpu_features().flatten() else 32
-# A micro-kernel call: ROWS rows of x times PANELS panels. ROWS x PANELS accumulators + PANELS panel
-# vectors + a broadcast fit the 32 zmm registers of AVX-512 (8 x 2 + 3 = 19) or the 16 ymm of AVX2
-# (6 x 2 + 3 = 15; the 6 x 16 floats of SPEC §6's measurement). Per k: PANELS vector loads and
-# ROWS broadcasts feed ROWS x PANELS fmas, so the fmas, not the loads, set the pace.
-ROWS = 8 if VECTOR_BYTES == 64 else 6
-PANELS = 2
+# The micro-kernel's shape for the target LLVM compiles for (target.py says which and why): a call
+# multiplies ROWS rows of x by PANELS panels, keeping ROWS x PANELS accumulators in registers. Per k:
+# PANELS vector loads and ROWS broadcasts feed ROWS x PANELS fmas, so the fmas, not the loads, set
+# the pace.
+VECTOR_BYTES, ROWS, PANELS = SHAPE.vector_bytes, SHAPE.rows, SHAPE.panels
 
 
 def lanes(dtype):
