@@ -14,6 +14,8 @@ here imports the tool. Top-down:
     layout.py          the flat parameter buffer and its named views
     threads.py         who owns threads (the one threading rule) and how many run (the Governor)
     barrier.py         how threads meet inside a kernel: a spin barrier on LLVM atomics
+    target.py          the machine the kernels are compiled for: the micro-kernel's shape, the
+                       spin-wait hint and the yield call, per architecture and OS
     blas.py            the BLAS Numba calls, kept to one thread
     jit.py             compile flags, the typed nonlinearities and the disk-cache policy, in one place
 """
