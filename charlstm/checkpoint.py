@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from charlstm.config import BEFORE_OPTION, CLIP_MODES, DTYPES, OPTIMIZER_STATE, ModelConfig, TrainConfig
+from charlstm.engine import files
 from charlstm.errors import UserError
 from charlstm.model import layout, param_count
 
@@ -81,10 +82,11 @@ class Checkpoint:
 def atomic_write(path, write):
     """Fill a temp file in path's folder with write(fileobj), then rename it over path.
 
-    os.replace is atomic within one filesystem, so readers see the old file or the new one, never
-    a mix. The fsyncs make that hold across a power cut: the data reaches disk before the rename,
-    and the folder's fsync makes the rename itself durable. The temp name `.<name>.tmp-<pid>`
-    marks a leftover from a hard crash; on any exception (Ctrl-C included) it is removed.
+    The rename (files.replace) is atomic within one filesystem, so readers see the old file or the
+    new one, never a mix. The fsyncs make that hold across a power cut: the data reaches disk
+    before the rename, and the folder's fsync (where the OS has one) makes the rename itself
+    durable. The temp name `.<name>.tmp-<pid>` marks a leftover from a hard crash; on any
+    exception (Ctrl-C included) it is removed.
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
@@ -94,23 +96,14 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_folder(folder)
+        files.replace(tmp, path)
+        files.fsync_folder(folder)
     except BaseException as e:
         _remove_quietly(tmp)
         if isinstance(e, OSError):  # disk full, no permission, no such folder: the user can fix it
             raise CheckpointError(f"{path}: cannot write: {e.strerror or e}; check the folder "
                                   "exists, is writable and has space") from e
         raise
-
-
-def fsync_folder(folder):
-    """Make a rename inside `folder` durable: fsync the folder itself."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path):

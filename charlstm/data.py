@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from charlstm.checkpoint import fsync_folder
+from charlstm.engine import files
 from charlstm.errors import UserError
 
 CHUNK_BYTES = 8 << 20  # per read; peak memory is ~15x this (str, UTF-32 copy, intp index)
@@ -205,12 +205,12 @@ def _write_ids(path, f, encoding, vocab, sha256, target, bar):
             os.fsync(out.fileno())
         if h.hexdigest() != sha256:
             raise UserError(f"{path}: changed while being read; try again once it is complete")
-        os.replace(tmp, target)
+        files.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    fsync_folder(folder)
+    files.fsync_folder(folder)
 
 
 def _encode(lut, cps, path):

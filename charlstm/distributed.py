@@ -17,8 +17,9 @@ train on the same B streams, with the work split over N ranks (processes, on one
                at every save says so.
     agreement  a rank waiting in a collective for a rank that has left hangs, so every branch
                depends only on what all ranks share: the step count, the reduced loss, the
-               summed stop votes (time limit, SIGINT, SIGTERM: mpiexec forwards both signals to
-               every rank), and what rank 0 broadcasts (a setup error, "best" after validating).
+               summed stop votes (the time limit, and each of train.STOP_SIGNALS: mpiexec forwards
+               SIGINT and SIGTERM to every rank), and what rank 0 broadcasts (a setup error,
+               "best" after validating).
     rank 0     alone validates, samples, prints, writes metrics.jsonl and checkpoints, which hold
                the whole job's state in the one-process format: a run resumes on any N dividing B.
     faults     an exception in any rank after setup ends the whole job with MPI_Abort, as mpiexec
@@ -43,10 +44,10 @@ from charlstm.errors import UserError
 from charlstm.model import layout
 from charlstm.optim import scale
 from charlstm.engine.threads import team
-from charlstm.train import Trainer, read_corpus, train_step
+from charlstm.train import STOP_SIGNALS, Trainer, read_corpus, train_step
 
 CHECK_EVERY = 100  # steps between comparisons of the ranks' parameter checksums
-VOTES = ("time limit", "SIGINT", "SIGTERM")  # stop reasons a rank can vote for, first one wins
+VOTES = ("time limit", *STOP_SIGNALS)  # stop reasons a rank can vote for, first one wins
 
 
 class RanksDiverged(Exception):

@@ -1,23 +1,28 @@
 """A run folder: checkpoints/<run>/ with step-XXXXXXXX.npz, latest.npz, best.npz, metrics.jsonl.
 
-One process at a time may write a run folder: RunFolder holds an exclusive flock on `.lock` for its
-lifetime (the kernel drops it when the process dies, even by kill -9, so a stale lock never
-blocks a resume). A process killed while saving leaves a temp file `.<name>.tmp-<pid>` (see
-checkpoint.atomic_write); the next RunFolder on the folder removes those of dead processes.
+One process at a time may write a run folder: RunFolder holds an exclusive lock on `.lock` for its
+lifetime (files.lock: the OS drops it when the process dies, even by kill -9, so a stale lock never
+blocks a resume) and writes its pid to `.holder`, for the line a second trainer gets. The lock is
+also how a writer's death is known, without probing its pid (a pid may be reused; Windows has no
+signal 0): a process killed while saving leaves a temp file `.<name>.tmp-<pid>` (see
+checkpoint.atomic_write), only the lock's holder writes the folder's own files, so once a RunFolder
+holds the lock every temp file of those files is a dead writer's, and it removes them.
 """
-import fcntl
 import json
 import math
 import os
 import re
 import shutil
+from contextlib import suppress
 from pathlib import Path
 
 from charlstm.checkpoint import atomic_write, save_checkpoint
+from charlstm.engine import files
 from charlstm.errors import UserError
 
 STEP_FILE = re.compile(r"^step-(\d{8})\.npz$")
-TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_write's temp names
+OWN_FILES = r"step-\d{8}\.npz|latest\.npz|best\.npz|metrics\.jsonl"  # what RunFolder writes
+TEMP_FILE = re.compile(rf"^\.(?:{OWN_FILES})\.tmp-(?P<pid>\d+)$")  # atomic_write's temp names for them
 
 
 def check_out(out):
@@ -52,29 +57,35 @@ class RunFolder:
             raise UserError(f"cannot use {self.path} as a run folder: a file is in the way; choose another --out")
         except OSError as e:
             raise UserError(f"cannot write to {self.path}: {e.strerror}; choose another --out")
-        self._lock = open(self.path / ".lock", "a+")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "another process"
-            raise UserError(f"{self.path} is in use by a running charlstm (pid {holder}); "
+            self._lock = files.lock(self.path / ".lock", wait=False)
+        except OSError as e:  # e.g. ENOSYS: a network filesystem without file locks
+            raise UserError(f"cannot lock {self.path / '.lock'} ({e.strerror or e}); a run folder needs a "
+                            "filesystem with file locks: choose another --out") from None
+        if self._lock is None:
+            raise UserError(f"{self.path} is in use by a running charlstm{self._holder()}; "
                             "wait for it to finish or use another --run")
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(str(os.getpid()))
-        self._lock.flush()
+        with suppress(OSError):  # the pid only words that line
+            (self.path / ".holder").write_text(str(os.getpid()))
         self._remove_stale_temp_files()
 
+    def _holder(self):
+        """' (pid N)' as the lock's holder wrote it, or '' if there is none to read."""
+        try:
+            pid = (self.path / ".holder").read_text().strip()
+        except OSError:
+            return ""
+        return f" (pid {pid})" if pid.isdigit() else ""
+
     def _remove_stale_temp_files(self):
-        """Temp files of processes that died mid-save (kill -9, power cut): never a checkpoint."""
+        """Temp files of the folder's own files: each was left by a writer that died mid-save (kill
+        -9, a power cut), since only the lock's holder writes them and the lock is now ours."""
         for path in self.path.iterdir():
-            match = TEMP_FILE.match(path.name)
-            if match and not _alive(int(match.group(1))):
+            if TEMP_FILE.match(path.name):
                 path.unlink(missing_ok=True)
 
     def close(self):
-        self._lock.close()
+        self._lock.release()
 
     @property
     def latest(self):
@@ -91,7 +102,8 @@ class RunFolder:
         for name in ("latest.npz",) + (("best.npz",) if best else ()):
             _atomic_copy(step_path, self.path / name)
         for old in self.step_files()[:-keep] if keep > 0 else []:
-            old.unlink()
+            with suppress(PermissionError):  # Windows: a reader has it open; the next save prunes it
+                old.unlink()
         return step_path
 
     def log(self, record):
@@ -125,16 +137,6 @@ def _step_of(line):
     except (ValueError, KeyError, TypeError):
         return math.inf
     return step if isinstance(step, int) else math.inf
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        pass
-    return True
 
 
 def _atomic_copy(src, dst):

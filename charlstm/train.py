@@ -35,6 +35,9 @@ EMA = 0.98  # smoothing of the loss shown on the bar
 PROGRESS_BYTES = 64 << 20  # corpora this big show a progress bar while they are encoded
 PREVIEW_CHARS, PREVIEW_TEMPERATURE = 200, 0.8  # the sample shown at every validation
 STOPPING = ("steps", "epochs", "time_limit", "eval_every", "save_every", "keep", "threads")
+# Signals that stop a run at the next step boundary, saved, with the resume command printed: Ctrl-C
+# everywhere; Ctrl-Break on Windows, taken as Ctrl-C; SIGTERM (kill, a job scheduler) on POSIX.
+STOP_SIGNALS = ("SIGINT", "SIGBREAK", "SIGTERM")
 
 
 class NonFiniteLoss(Exception):
@@ -384,9 +387,11 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
     if job:  # one rank of each machine compiles, if needed, while the others wait to load its cache
         job.compile_once(trainer)
 
+    handled = stop_signals()
+
     def request_stop(signum, frame):
-        trainer.stop_requested = signal.Signals(signum).name
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        trainer.stop_requested = handled[signum]
+    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
     deadline = time.monotonic() + limit if limit is not None else None
     bar = tqdm(total=total, initial=state.step, unit="step", disable=quiet, dynamic_ncols=True, file=sys.stderr,
                smoothing=0.1)
@@ -405,9 +410,17 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
             signal.signal(sig, handler)
         folder.close()
     best = f"; best val loss {state.best_val_loss:.4f} nats" if math.isfinite(state.best_val_loss) else ""
-    if reason in ("SIGINT", "SIGTERM"):
+    if reason in STOP_SIGNALS:
         say(f"stopped by {reason} at step {state.step:,}; saved {path}")
         say(f"resume with: {job.launcher if job else ''}charlstm train --resume {folder.latest}")
     else:
         say(f"finished at step {state.step:,} ({reason}){best}; saved {path}")
     return 0
+
+
+def stop_signals():
+    """{signal number: name} of the STOP_SIGNALS this OS defines and delivers to a handler. Windows
+    defines SIGTERM but never delivers it (TerminateProcess runs no handler), and SIGBREAK is
+    Windows' alone."""
+    return {getattr(signal, name): name for name in STOP_SIGNALS
+            if hasattr(signal, name) and not (name == "SIGTERM" and sys.platform == "win32")}

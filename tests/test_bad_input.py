@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from charlstm.checkpoint import VERSION, save_checkpoint
 from charlstm.cli import OneLineErrors, cli
 
-from tests.conftest import TINY
+from tests.conftest import TINY, seconds
 from tests.test_checkpoint import Bomb, full_state, make_state, write_raw
 
 
@@ -87,7 +87,7 @@ def test_bad_sample_option_is_one_usage_line(tmp_path, run_cli, args, words):
 
 def test_usage_error_from_the_real_console_script_is_one_line():
     result = subprocess.run([sys.executable, "-m", "charlstm", "train", "--hidden", "0"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=seconds(60))
     assert result.returncode == 2 and result.stdout == ""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["Error: Invalid value for '--hidden': 0 is not in the range x>=1. "

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import SHAKESPEARE_HEAD
+from tests.conftest import SHAKESPEARE_HEAD, seconds
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def commands(ck):
 def run(argv, cache, cwd):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
     return subprocess.run([sys.executable, "-m", "charlstm", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=seconds(900))
 
 
 def outcome(name, argv, proc, cwd):
@@ -113,7 +113,7 @@ def test_two_trainings_started_together_on_an_empty_cache_twice(workdir):
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for dtype in ("float32", "float64")}
         for dtype, proc in procs.items():
-            _, err = proc.communicate(timeout=900)
+            _, err = proc.communicate(timeout=seconds(900))
             assert proc.returncode >= 0, f"{dtype} ({tag}): killed by signal {-proc.returncode}\n{err[-2000:]}"
             assert proc.returncode == 0, f"{dtype} ({tag}): exit {proc.returncode}\n{err[-2000:]}"
             with np.load(workdir / "ck" / f"{dtype}-{tag}" / "latest.npz") as f:

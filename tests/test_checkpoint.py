@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import stat
 import time
 import zipfile
 
@@ -200,13 +201,18 @@ def test_failing_rename_leaves_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["latest.npz"]
 
 
-def test_atomic_write_fsyncs_file_and_folder_and_names_its_temp(tmp_path, monkeypatch):
+@pytest.mark.parametrize("os_name", [os.name, "nt"])
+def test_atomic_write_fsyncs_file_and_folder_and_names_its_temp(tmp_path, monkeypatch, os_name):
+    """The file, then its folder where the OS can fsync one (POSIX; Windows, simulated, cannot)."""
     synced = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
     names = []
-    atomic_write(tmp_path / "x.bin", lambda f: (names.append(f.name), f.write(b"data")))
-    assert len(synced) == 2 and (tmp_path / "x.bin").read_bytes() == b"data"
+    with monkeypatch.context() as m:  # (only the write runs as on another OS, not pytest)
+        m.setattr(os, "name", os_name)
+        atomic_write(tmp_path / "x.bin", lambda f: (names.append(f.name), f.write(b"data")))
+    assert synced == ([False, True] if os_name == "posix" else [False])  # file, folder
+    assert (tmp_path / "x.bin").read_bytes() == b"data"
     # same folder (so the rename is atomic), and a leftover from a crash is recognisable
     assert names == [str(tmp_path / f".x.bin.tmp-{os.getpid()}")]
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 from numba.core import config as numba_config
@@ -17,23 +18,30 @@ from numba.core.caching import IndexDataCacheFile
 from charlstm import checkpoint, data
 from charlstm.engine import jit
 from charlstm.checkpoint import load_checkpoint
+from charlstm.errors import UserError
 from charlstm.runs import TEMP_FILE, RunFolder
 
-from tests.conftest import TINY
+from tests.conftest import INTERRUPT, INTERRUPTED, OWN_GROUP, TINY, seconds
 from tests.test_bad_input import one_line_error
 from tests.test_train import arrays
 
 # Save at every step, never validate, run until stopped: a process that is nearly always saving.
 SAVING = [*TINY, "--save-every", "1", "--eval-every", "0", "--steps", "100000"]
+# Popen.kill's exit status: killed by SIGKILL; on Windows, TerminateProcess's exit code 1.
+KILLED = -signal.SIGKILL if hasattr(signal, "SIGKILL") else 1
+# What `kill` or a job scheduler sends to stop a run: SIGTERM. Windows delivers none (its SIGTERM
+# never reaches a handler), so there the test stops the run as a user would (conftest.INTERRUPT).
+TERMINATE, TERMINATED, TERMINATE_GROUP = ((INTERRUPT, INTERRUPTED, OWN_GROUP) if sys.platform == "win32" else
+                                          (signal.SIGTERM, "SIGTERM", {}))
 
 
-def start_training(log, *args):
+def start_training(log, *args, **popen):
     return subprocess.Popen([sys.executable, "-m", "charlstm", "train", *map(str, args)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, **popen)
 
 
 def wait_for(condition, proc, timeout=60):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds(timeout)
     while not condition():
         assert proc.poll() is None, f"training exited early with {proc.returncode}"
         assert time.monotonic() < deadline, "timed out"
@@ -65,19 +73,19 @@ def test_kill_9_at_random_instants_leaves_loadable_checkpoints_and_exact_resume(
         proc = start_training(log, *args)
         if kill == 0:
             wait_for(latest.exists, proc)
-            time.sleep(rng.uniform(0, 0.2))
+            time.sleep(seconds(rng.uniform(0, 0.2)))
         elif kill % 2:  # some instant after it has saved at least once
             wait_for(lambda: newest_step(run_dir) > before, proc)
-            time.sleep(rng.uniform(0, 0.2))
+            time.sleep(seconds(rng.uniform(0, 0.2)))
         else:  # any instant from startup on: imports, loading, the lock, the log, training
-            time.sleep(rng.uniform(0, 2.0))
+            time.sleep(seconds(rng.uniform(0, 2.0)))
         proc.kill()
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert proc.wait(timeout=seconds(30)) == KILLED
         for path in run_dir.glob("*.npz"):  # never a half-written checkpoint under a real name
             load_checkpoint(path)
         steps.append(load_checkpoint(latest).manifest["step"])
         pids.append(proc.pid)
-        assert {int(TEMP_FILE.match(name).group(1)) for name in temp_files(run_dir)} <= set(pids)
+        assert {int(TEMP_FILE.match(name)["pid"]) for name in temp_files(run_dir)} <= set(pids)
     assert steps == sorted(steps) and steps[-1] > steps[0], steps
 
     target = steps[-1] + 5
@@ -91,18 +99,50 @@ def test_kill_9_at_random_instants_leaves_loadable_checkpoints_and_exact_resume(
     assert arrays(latest) == arrays(tmp_path / "straight" / "latest.npz")
 
 
-def test_stale_temp_files_of_dead_processes_are_removed_on_open(tmp_path):
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+HOLD_RUN_FOLDER = """
+import sys
+from charlstm.runs import RunFolder
+folder = RunFolder(sys.argv[1])
+(folder.path / sys.argv[2]).write_bytes(b"partial")  # as if killed mid-save
+print("holding", flush=True)
+sys.stdin.read()  # until the test kills it
+"""
+
+
+@contextmanager
+def no_signals(monkeypatch):
+    """Fails the test if the code inside sends a signal (os.kill, how POSIX probes a pid)."""
+    with monkeypatch.context() as m:
+        m.setattr(os, "kill", lambda *args: pytest.fail("a signal was sent to probe a pid"))
+        yield
+
+
+def test_a_dead_writers_temp_files_are_removed_once_its_lock_is_free(tmp_path, monkeypatch):
+    """A writer's death is known by its lock, never by probing its pid (no signal is sent): while
+    a live process holds the run folder, its temp file stays and RunFolder is refused, naming its
+    pid; once it is killed, the next RunFolder removes every temp file of the folder's own files,
+    whatever pid it names (a live one too: pids are reused), and leaves every other file alone."""
     folder = tmp_path / "r"
-    folder.mkdir()
-    names = [f".latest.npz.tmp-{dead.pid}", f".step-00000007.npz.tmp-{dead.pid}",
-             f".metrics.jsonl.tmp-{dead.pid}", f".latest.npz.tmp-{os.getpid()}", ".notes.tmp-x", "latest.npz"]
-    for name in names:
-        (folder / name).write_bytes(b"partial")
-    RunFolder(folder).close()
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f".latest.npz.tmp-{os.getpid()}", ".notes.tmp-x", "latest.npz", ".lock"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_FOLDER, folder, ".latest.npz.tmp-1"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        others = [f".best.npz.tmp-{os.getpid()}", f".step-00000007.npz.tmp-{holder.pid}", ".metrics.jsonl.tmp-99"]
+        keep = [".notes.tmp-x", ".model.safetensors.tmp-5", "latest.npz", "notes.txt"]
+        for name in others + keep:
+            (folder / name).write_bytes(b"partial")
+        with no_signals(monkeypatch), pytest.raises(UserError, match=rf"in use by .* \(pid {holder.pid}\)"):
+            RunFolder(folder)
+        assert (folder / ".latest.npz.tmp-1").exists()
+        holder.kill()
+        holder.wait(timeout=seconds(30))
+        with no_signals(monkeypatch):
+            RunFolder(folder).close()
+    finally:
+        holder.kill()
+        holder.communicate()
+    left = sorted(p.name for p in folder.iterdir() if p.name != ".lock")  # (Windows' filelock removes it)
+    assert left == sorted(keep + [".holder"])
 
 
 def test_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path):
@@ -132,22 +172,35 @@ def test_run_folder_in_use_is_refused(tmp_path, corpus, run_cli):
     assert result.exit_code == 0  # the lock went with its holder
 
 
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX's")
+def test_a_run_folder_where_files_cannot_be_locked_is_one_line(tmp_path, corpus, run_cli, monkeypatch):
+    """A filesystem without flock (ENOSYS: some network filesystems): one line, not an unlocked run."""
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    result = run_cli("train", corpus, *TINY, "--steps", 2, "--out", tmp_path, "--run", "r")
+    one_line_error(result, f"cannot lock {tmp_path / 'r' / '.lock'}", "Function not implemented", "--out", code=1)
+
+
 def test_resume_is_refused_while_the_run_trains_and_sigterm_saves(tmp_path, corpus, run_cli):
     run_dir = tmp_path / "r"
     with open(tmp_path / "log.txt", "w") as log:
-        proc = start_training(log, corpus, *SAVING, "--out", tmp_path, "--run", "r")
+        proc = start_training(log, corpus, *SAVING, "--out", tmp_path, "--run", "r", **TERMINATE_GROUP)
         try:
             wait_for(lambda: newest_step(run_dir) >= 3, proc)
             result = run_cli("train", "--resume", run_dir / "latest.npz", "--steps", 200000, "--quiet")
             one_line_error(result, "is in use by a running charlstm", f"pid {proc.pid}", code=1)
             assert proc.poll() is None
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 0
+            proc.send_signal(TERMINATE)
+            assert proc.wait(timeout=seconds(60)) == 0
         finally:
             if proc.poll() is None:
                 proc.kill()
     output = (tmp_path / "log.txt").read_text()
-    assert "stopped by SIGTERM" in output and "Traceback" not in output
+    assert f"stopped by {TERMINATED}" in output and "Traceback" not in output
     step = load_checkpoint(run_dir / "latest.npz").manifest["step"]
     assert f"at step {step:,}" in output and step == newest_step(run_dir)
 
@@ -265,7 +318,7 @@ GRADCHECK = [sys.executable, "-m", "charlstm", "gradcheck", "--hidden", "3", "--
 
 def gradcheck(cache_dir, **env):
     """The smallest real command, in a fresh process with NUMBA_CACHE_DIR=cache_dir."""
-    result = subprocess.run(GRADCHECK, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(GRADCHECK, capture_output=True, text=True, timeout=seconds(300),
                             env=dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), **env))
     assert result.returncode == 0 and "gradcheck passed" in result.stdout, result.stderr
     assert "Traceback" not in result.stderr

@@ -12,6 +12,8 @@ import charlstm
 from charlstm.engine import barrier, jit
 from charlstm.engine.threads import Team
 
+from tests.conftest import seconds
+
 
 def package_objects():
     for info in pkgutil.walk_packages(charlstm.__path__, prefix="charlstm."):
@@ -69,6 +71,6 @@ def test_an_error_in_one_thread_stops_the_others_waiting():
     result = []
     runner = threading.Thread(target=lambda: result.append(pytest.raises(ValueError, team.together, work)))
     runner.start()
-    runner.join(timeout=30)
+    runner.join(timeout=seconds(30))
     assert not runner.is_alive() and result and "helper failed" in str(result[0].value)
     assert returned == {0: -1}  # thread 0 gave up at its first meeting

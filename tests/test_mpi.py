@@ -22,6 +22,7 @@ import pytest
 
 from charlstm.checkpoint import load_checkpoint
 
+from tests.conftest import seconds
 from tests.test_train import arrays, losses
 
 MPIEXEC = shutil.which("mpiexec")
@@ -35,7 +36,7 @@ needs_mpi = pytest.mark.skipif(MISSING is not None, reason=f"MPI tests need the 
 # B = 6 splits over 2 and 3 ranks (3 and 2 streams each), an epoch is 19 windows.
 SMALL = ["--hidden", "12", "--layers", "2", "--batch-size", "6", "--seq-length", "8", "--eval-every", "5",
          "--save-every", "10", "--threads", "1"]
-TIMEOUT = 120  # a job that takes longer hangs
+TIMEOUT = seconds(120)  # a job that takes longer hangs
 FAULT = Path(__file__).parent / "mpi_fault.py"
 
 
@@ -152,14 +153,14 @@ def test_mpi_launch_without_mpi4py_is_one_line(tmp_path):
     env = {**os.environ, "PMI_SIZE": "2", "PMI_RANK": "0"}
     code = "import sys; sys.modules['mpi4py'] = None; from charlstm.cli import cli; cli(sys.argv[1:])"
     result = subprocess.run([sys.executable, "-c", code, "train", "--out", tmp_path], env=env, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=seconds(60))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "Error: this process was started by an MPI launcher (mpiexec, srun) but mpi4py is not installed; "
         "install it with: pip install 'charlstm[mpi]'"]
     env["PMI_RANK"] = "1"  # the other ranks exit quietly
     result = subprocess.run([sys.executable, "-c", code, "train", "--out", tmp_path], env=env, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=seconds(60))
     assert result.returncode == 1 and result.stderr == ""
 
 
@@ -183,6 +184,8 @@ def ranks_of(pid):
 
 
 @needs_mpi
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not hasattr(signal, "SIGKILL"),
+                    reason="finds the ranks in /proc (Linux) and kills one with SIGKILL")
 @pytest.mark.parametrize("victim", [0, 1])
 def test_kill_9_of_a_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path, corpus, run_cli, victim):
     """kill -9 of one rank while the job trains and saves every step: mpiexec ends the job within
@@ -200,8 +203,8 @@ def test_kill_9_of_a_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path, corpus
         assert sorted(ranks) == [0, 1], ranks
         os.kill(ranks[victim], signal.SIGKILL)
         killed = time.monotonic()
-        out, err = proc.communicate(timeout=30)
-        assert time.monotonic() - killed < 10
+        out, err = proc.communicate(timeout=seconds(30))
+        assert time.monotonic() - killed < seconds(10)
     finally:
         proc.kill()
     assert proc.returncode != 0
@@ -240,6 +243,8 @@ def test_ranks_that_drift_apart_are_caught(tmp_path, corpus):
 
 
 @needs_mpi
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl-C forwarded by mpiexec as SIGINT is POSIX (a Windows "
+                                                    "console cannot aim Ctrl-C at one process group)")
 def test_ctrl_c_on_mpiexec_saves_once_and_resumes_exactly(tmp_path, corpus, run_cli):
     """SIGINT to mpiexec reaches every rank; they agree to stop at the same step, rank 0 saves once
     and prints the resume command; resuming on 2 ranks to step N gives the straight run's bytes."""
@@ -253,9 +258,9 @@ def test_ctrl_c_on_mpiexec_saves_once_and_resumes_exactly(tmp_path, corpus, run_
         while "/100000" not in err_path.read_text():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
-        time.sleep(0.5)
+        time.sleep(seconds(0.5))
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=seconds(30))
     assert proc.returncode == 0, err_path.read_text()
     assert out.count("stopped by SIGINT") == 1
     assert "resume with: mpiexec -n 2 charlstm train --resume" in out

@@ -15,7 +15,7 @@ from charlstm.data import split
 from charlstm.train import EXIT_NONFINITE
 from charlstm.validate import validation_loss
 
-from tests.conftest import TINY
+from tests.conftest import INTERRUPT, INTERRUPTED, OWN_GROUP, TINY, seconds
 
 
 def arrays(path):
@@ -183,22 +183,23 @@ def test_non_finite_loss_stops_without_saving_it(tmp_path, corpus, run_cli, monk
 
 
 def test_sigint_saves_and_resume_matches_straight_run(tmp_path, corpus, run_cli):
-    """A real SIGINT to a real training process: it saves at the step boundary, exits 0 and says
-    how to resume; resuming to step N gives the bytes of a straight N-step run."""
+    """A real Ctrl-C (SIGINT; Ctrl-Break on Windows) to a real training process: it saves at the
+    step boundary, exits 0 and says how to resume; resuming to step N gives the bytes of a straight
+    N-step run."""
     cmd = [sys.executable, "-m", "charlstm", "train", str(corpus), *TINY, "--save-every", "0", "--eval-every", "0",
            "--steps", "100000", "--out", str(tmp_path), "--run", "killed"]
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and "/100000" not in err_path.read_text():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, **OWN_GROUP)
+        deadline = time.monotonic() + seconds(120)
+        while time.monotonic() < deadline and "/100000" not in err_path.read_text():
             time.sleep(0.1)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        time.sleep(seconds(0.3))
+        proc.send_signal(INTERRUPT)
+        out, _ = proc.communicate(timeout=seconds(60))
     err = err_path.read_text()
     assert proc.returncode == 0, err
-    assert "stopped by SIGINT" in out and "charlstm train --resume" in out and "Traceback" not in err
+    assert f"stopped by {INTERRUPTED}" in out and "charlstm train --resume" in out and "Traceback" not in err
     step = load_checkpoint(tmp_path / "killed" / "latest.npz").manifest["step"]
     assert step > 0
     target = step + 7
@@ -207,6 +208,30 @@ def test_sigint_saves_and_resume_matches_straight_run(tmp_path, corpus, run_cli)
                        "--run", "straight", "--quiet")
     assert straight.exit_code == 0
     assert arrays(tmp_path / "killed" / "latest.npz") == arrays(tmp_path / "straight" / "latest.npz")
+
+
+# (platform, the stop signals its `signal` module defines, what train installs its handler for)
+SIGNAL_MODULES = [
+    ("linux", {"SIGINT": 2, "SIGTERM": 15}, {2: "SIGINT", 15: "SIGTERM"}),
+    ("darwin", {"SIGINT": 2, "SIGTERM": 15}, {2: "SIGINT", 15: "SIGTERM"}),
+    ("win32", {"SIGINT": 2, "SIGBREAK": 21, "SIGTERM": 15}, {2: "SIGINT", 21: "SIGBREAK"}),  # SIGTERM never arrives
+    ("wasi", {"SIGINT": 2}, {2: "SIGINT"}),  # no SIGTERM at all
+]
+
+
+@pytest.mark.parametrize("platform, defined, handled", SIGNAL_MODULES)
+def test_stop_handlers_only_for_signals_the_os_delivers(monkeypatch, platform, defined, handled):
+    from charlstm import train
+
+    with monkeypatch.context() as m:  # (pytest itself must not run as on another OS)
+        m.setattr(sys, "platform", platform)
+        for name in train.STOP_SIGNALS:
+            if name in defined:
+                m.setattr(signal, name, defined[name], raising=False)
+            else:
+                m.delattr(signal, name, raising=False)
+        got = train.stop_signals()
+    assert got == handled
 
 
 def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):

@@ -18,4 +18,7 @@ here imports the tool. Top-down:
                        spin-wait hint and the yield call, per architecture and OS
     blas.py            the BLAS Numba calls, kept to one thread
     jit.py             compile flags, the typed nonlinearities and the disk-cache policy, in one place
+    files.py           the OS's file calls made alike on Linux, macOS and Windows: a lock the OS
+                       drops with its holder (the kernel cache's; the tool's run folders use it
+                       too), a replace that waits out Windows' readers, a folder's fsync
 """

@@ -12,16 +12,17 @@ fresh process, jumped into a thread pool that was never launched (numba#8578), a
 cached as optimized a second time rounded differently from the copy the compiling process ran,
 so a cold and a warm run trained different bytes. tests/test_jit.py checks that none exists.
 """
-import fcntl
 import math
 import os
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 from numba import njit, types
 from numba.core.caching import FunctionCache
 from numba.extending import overload
 
+from charlstm.engine import files
 from charlstm.engine.target import SHAPE
 
 # One place for the fastmath flags. No `nnan`/`ninf`: the trainer must see NaN and inf.
@@ -83,21 +84,17 @@ class _SoftCache(FunctionCache):
             _cache_warning(f"cannot write to {self.cache_path}: {_short(e)}")
 
 
-class _cache_lock:
-    """An exclusive flock on one file in the cache folder, held while a kernel is saved (readers
-    need none: Numba replaces index and data files atomically, and under the lock an index entry
-    never changes which signature its data file holds)."""
-
-    def __init__(self, folder):
-        self.path = os.path.join(folder, "charlstm-cache.lock")
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        os.close(self.fd)  # closing releases the lock
+@contextmanager
+def _cache_lock(folder):
+    """An exclusive lock on one file in the cache folder, held while a kernel is saved; it waits
+    for another process's save (readers need none: Numba replaces index and data files atomically,
+    and under the lock an index entry never changes which signature its data file holds)."""
+    os.makedirs(folder, exist_ok=True)
+    held = files.lock(os.path.join(folder, "charlstm-cache.lock"), wait=True)
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def _cache_warning(reason):
