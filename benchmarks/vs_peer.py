@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Training throughput, ours against the PyTorch peer, shape by shape in one run.
 
-    python benchmarks/vs_peer.py [--peer ../shared/tools/peer_torch.py] [--threads 2] [--shapes 256x1x64x1 ...]
+    python benchmarks/vs_peer.py [--peer benchmarks/peer_torch.py] [--threads 2] [--shapes 256x1x64x1 ...]
 
 For each shape of charlstm.bench.GRID it runs `charlstm bench --json` and the peer's `speed` mode
 alternately (never at the same time), --repeats times each, and prints the median chars/s of each,
 the ratio of the medians, and our GFLOP/s as a share of the big-sgemm peak measured at the start of
-the same run. Run it on an idle machine: on 2 cores any background job halves the figures, and
-even idle this VM's speed drifts by 20-40% from run to run, hence the medians.
+the same run. Both time full training steps (forward, backward, value clipping, RMSprop: charlstm's
+defaults) without dropout. The peer needs torch: pip install -e '.[bench]'. Run it on an idle
+machine: on 2 cores any background job halves the figures, and even idle this VM's speed drifts by
+20-40% from run to run, hence the medians.
 """
 import argparse
+import importlib.util
 import json
 import re
 import statistics
@@ -28,12 +31,14 @@ def run(cmd):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--peer", default=str(ROOT.parent / "shared" / "tools" / "peer_torch.py"))
+    p.add_argument("--peer", default=str(ROOT / "benchmarks" / "peer_torch.py"))
     p.add_argument("--corpus", default=str(ROOT / "data" / "tinyshakespeare.txt"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shapes", nargs="*", help="HxBxTxL shapes to run (default: charlstm.bench.GRID)")
     args = p.parse_args()
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("the PyTorch peer needs torch: pip install -e '.[bench]'")
     grid = [tuple(map(int, shape.split("x"))) for shape in args.shapes] if args.shapes else GRID
     peak = float(run([sys.executable, "-c", "from charlstm.bench import sgemm_peak; print(sgemm_peak())"]))
     print(f"big sgemm peak (2048^3 float32, same BLAS): {peak:.0f} GFLOP/s\n")
@@ -42,9 +47,9 @@ def main():
     for H, B, T, L in grid:
         ours, torch = [], []
         for _ in range(args.repeats):
-            ours.append(json.loads(run(["charlstm", "bench", args.corpus, "--hidden", str(H), "--batch-size", str(B),
-                                        "--seq-length", str(T), "--layers", str(L), "--threads", str(args.threads),
-                                        "--json"])))
+            ours.append(json.loads(run([sys.executable, "-m", "charlstm", "bench", args.corpus, "--hidden", str(H),
+                                        "--batch-size", str(B), "--seq-length", str(T), "--layers", str(L),
+                                        "--threads", str(args.threads), "--json"])))
             peer_out = run([sys.executable, args.peer, "speed", args.corpus, "--hidden", str(H), "--batch", str(B),
                             "--seq", str(T), "--layers", str(L), "--threads", str(args.threads)])
             torch.append(float(re.search(r"chars_per_s=([\d.]+)", peer_out).group(1)))
