@@ -91,7 +91,7 @@ def cli():
 @click.option("--seq-length", type=POSITIVE, default=50, show_default=True, help="Steps of truncated BPTT per window.")
 @click.option("--batch-size", type=POSITIVE, default=50, show_default=True, help="Parallel streams per step.")
 @click.option("--optim", type=click.Choice(OPTIMIZERS), default="rmsprop", show_default=True,
-              help="Optimizer (formulas in the README; RMSprop measured best for 10-minute runs).")
+              help="Optimizer (formulas in docs/model.md; RMSprop measured best for 10-minute runs).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Learning rate [default: 0.002 for rmsprop and adam, 0.02 for adagrad].")
 @click.option("--adagrad-eps", type=click.FloatRange(min=0), default=1e-20, show_default=True,
@@ -403,7 +403,7 @@ def export_weights(checkpoint, out):
 
     Tensors are named as a module with children `lstm` and `out` names them (lstm.weight_ih_l0,
     ..., out.weight, out.bias), gates in PyTorch's order; the metadata holds the vocabulary (id
-    order, as JSON), hidden, layers and dtype. The README shows the PyTorch code that loads it.
+    order, as JSON), hidden, layers and dtype. docs/export.md shows the PyTorch code that loads it.
     Needs the safetensors package (pip install 'charlstm[export]'). Peephole models cannot be
     exported: nn.LSTM has no peepholes.
 

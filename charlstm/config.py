@@ -12,7 +12,7 @@ CLIP_MODES = ("value", "norm")
 # Adagrad's keeps SPEC's key `adagrad`, so an Adagrad checkpoint holds what version 1 held.
 OPTIMIZER_STATE = {"adagrad": ("adagrad",), "rmsprop": ("rmsprop",), "adam": ("adam_m", "adam_v")}
 OPTIMIZERS = tuple(OPTIMIZER_STATE)
-# model.init_params's schemes (--init); fan-in is the default, measured per step (README).
+# model.init_params's schemes (--init); fan-in is the default, measured per step (docs/training.md).
 INITS = ("fan-in", "char-rnn")
 # --lr when none is given: the project's measured Adagrad rate; char-rnn's and torch-rnn's 2e-3.
 DEFAULT_LR = {"adagrad": 0.02, "rmsprop": 2e-3, "adam": 2e-3}
@@ -42,7 +42,7 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 50
     seq_length: int = 50
-    optim: str = "rmsprop"  # measured best in 10 minutes at the defaults (README)
+    optim: str = "rmsprop"  # measured best in 10 minutes at the defaults (docs/training.md)
     lr: float = 2e-3
     adagrad_eps: float = 1e-20
     rmsprop_alpha: float = 0.95

@@ -30,7 +30,7 @@ def decays_after(cfg, epoch):
 def dropout_at(cfg, step, windows_per_epoch):
     """The dropout probability of step `step` (0-based): cfg.dropout, reached by a straight ramp
     from 0 over the first cfg.dropout_warmup epochs (--dropout-warmup). Early on the model
-    underfits and dropout only slows it; once it starts to overfit, dropout pays (README)."""
+    underfits and dropout only slows it; once it starts to overfit, dropout pays (docs/training.md)."""
     if cfg.dropout_warmup <= 0:
         return cfg.dropout
     return cfg.dropout * min(1.0, step / (cfg.dropout_warmup * windows_per_epoch))

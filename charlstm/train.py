@@ -28,7 +28,7 @@ from charlstm.schedule import dropout_at, lr_at
 from charlstm.engine.threads import Governor
 from charlstm.validate import validation_loss
 
-EXIT_NONFINITE = 3  # documented in the README: the loss or gradients became NaN/inf
+EXIT_NONFINITE = 3  # documented in docs/training.md: the loss or gradients became NaN/inf
 DEFAULT_TIME_LIMIT = 300.0  # seconds, when none of --steps/--epochs/--time-limit is given
 LOG_EVERY = 100  # steps between train-loss lines in metrics.jsonl
 EMA = 0.98  # smoothing of the loss shown on the bar
