@@ -3,7 +3,6 @@ top-k, argmax) replayed from the same uniforms, and the stream's behaviour (seed
 stop strings, unknown characters, the command line)."""
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from charlstm import sample
 from charlstm.engine import stream_kernels
@@ -14,6 +13,7 @@ from charlstm.errors import UserError
 from charlstm.model import param_count, views
 
 from tests import reference
+from tests.conftest import cli_runner
 
 VOCAB = "\n\r !,.:?ACEMORabcdeghilmnorstuw"
 H = 6
@@ -212,7 +212,7 @@ def checkpoint(tmp_path):
 
 def invoke(*args):
     """Run `charlstm sample`; result.out is stdout exactly (click's .stdout turns \r\n into \n)."""
-    result = CliRunner().invoke(cli, ["sample", *map(str, args)], catch_exceptions=False)
+    result = cli_runner().invoke(cli, ["sample", *map(str, args)], catch_exceptions=False)
     result.out = result.stdout_bytes.decode()
     return result
 
