@@ -42,7 +42,8 @@ def main(path, *extras):
     for requirement in wanted:
         name, version, pinned = pin(requirement)
         if pins.setdefault(name, (version, pinned))[0] != version:
-            sys.exit(f"lowest_pins.py: {name} is required with bounds {pins[name][0]} and {version}; give it one")
+            sys.exit(f"lowest_pins.py: {name} is required with bounds {pins[name][0] or 'none'} and "
+                     f"{version or 'none'}; give it one")
     print(python.group(1))
     print("\n".join(pinned for _, pinned in pins.values()))
 
