@@ -150,7 +150,9 @@ def _plain(value):
 def _write_npz(f, members):
     # np.savez stores members uncompressed and dated with zipfile's fixed default (1980-01-01),
     # not the clock, so equal members give equal bytes (test_same_state_gives_identical_bytes).
-    np.savez(f, allow_pickle=False, **members)
+    # No allow_pickle=False: save's _verify has checked every member is a plain numeric array, and
+    # NumPy before 2.1 takes that keyword for one more array to store (which load then refuses).
+    np.savez(f, **members)
 
 
 def _array_keys(state_names):

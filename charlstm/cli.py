@@ -41,20 +41,28 @@ class OneLineErrors(click.Group):
     through untouched. An explicit main(standalone_mode=False) keeps click's own behaviour.
     """
 
+    def parse_args(self, ctx, args):
+        # A bare `charlstm` prints the help on stderr and exits 2, on every click we admit: click 8.2
+        # and later raise NoArgsIsHelpError (a usage error) for it, click 8.1 printed the help on
+        # stdout and exited 0.
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            click.echo(ctx.get_help(), err=True, color=ctx.color)
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:  # bare `charlstm`: the help text
-            e.show()
-            sys.exit(e.exit_code)
         except click.ClickException as e:
             click.echo(f"Error: {one_line(e.format_message())}{help_hint(e)}", err=True)
             sys.exit(e.exit_code)
         except click.Abort as e:
             click.echo("Aborted!", err=True)
-            sys.exit(130 if isinstance(e.__cause__, KeyboardInterrupt) else 1)  # 128 + SIGINT
+            # click raises Abort inside its `except KeyboardInterrupt` ("from e" since 8.2, "from None"
+            # in 8.1): __context__ holds the interrupt on both.
+            sys.exit(130 if isinstance(e.__context__, KeyboardInterrupt) else 1)  # 128 + SIGINT
         # Commands return None; an int here is the code of ctx.exit(n), --help or --version.
         sys.exit(code if isinstance(code, int) else 0)
 

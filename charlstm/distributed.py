@@ -48,6 +48,7 @@ from charlstm.train import STOP_SIGNALS, Trainer, read_corpus, train_step
 
 CHECK_EVERY = 100  # steps between comparisons of the ranks' parameter checksums
 VOTES = ("time limit", *STOP_SIGNALS)  # stop reasons a rank can vote for, first one wins
+ABORT_GRACE = 0.5  # seconds for mpiexec to pass on a rank's last words before MPI_Abort ends the job
 
 
 class RanksDiverged(Exception):
@@ -88,6 +89,9 @@ class Job:
             traceback.print_exc()
         print(f"rank {self.rank}: ending the job (MPI_Abort)" + (f"; {self.resume_hint}" if self.resume_hint else ""),
               file=sys.stderr, flush=True)
+        # mpiexec ends every process at the Abort, and drops what it had not yet passed on from this
+        # one's stderr: the lines above were lost in about half the runs on a busy machine.
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(1)
 
     # ------------------------------------------------------------------------------ starting

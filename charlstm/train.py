@@ -399,10 +399,10 @@ def train(corpus_path, options, given, out, run, resume, init_from, quiet, encod
         reason, path = trainer.run(total, deadline, bar)
     except NonFiniteLoss as e:  # under MPI every rank sees the same reduced gradients, so all stop here
         bar.close()
-        if leader:
+        if leader:  # flush: the exit is next, and click 8.1's CliRunner reads its stderr unflushed
             print(f"Error: {e} at step {state.step + 1}; nothing was saved from that step, the last good checkpoint "
                   f"is {folder.latest if folder.latest.exists() else 'none'}; try a lower --lr (now {cfg.lr}) "
-                  f"or --clip (now {cfg.clip})", file=sys.stderr)
+                  f"or --clip (now {cfg.clip})", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
     finally:
         bar.close()

@@ -89,8 +89,18 @@ def corpus(tmp_path):
     return path
 
 
+def cli_runner():
+    """A CliRunner that keeps stdout and stderr apart, so result.stdout and result.stderr are each
+    one stream and result.output is stdout (with stderr too on click 8.2 and later). Click 8.1 mixes
+    them unless told (and has no result.stderr then); click 8.2 removed the mix_stderr argument."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
 @pytest.fixture
 def run_cli():
     def run(*args):
-        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        return cli_runner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     return run

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from charlstm import evaluate
 from charlstm.engine import stream_kernels
@@ -17,6 +16,7 @@ from charlstm.errors import UserError
 from charlstm.model import param_count, views
 
 from tests import reference
+from tests.conftest import cli_runner
 
 TEXT = """ROMEO:
 Is the day so young?
@@ -113,7 +113,7 @@ def test_score_units():
 # ---------------------------------------------------------------------------------- command line
 
 def invoke(*args):
-    return CliRunner().invoke(cli, ["eval", *map(str, args)], catch_exceptions=False)
+    return cli_runner().invoke(cli, ["eval", *map(str, args)], catch_exceptions=False)
 
 
 def test_cli_eval_json_agrees_with_the_reference(tmp_path):

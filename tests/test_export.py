@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import charlstm
 from charlstm.checkpoint import load_checkpoint
@@ -15,7 +14,7 @@ from charlstm.cli import cli
 from charlstm.export import read_export
 from charlstm.model import views
 
-from tests.conftest import SHAKESPEARE_HEAD, TINY
+from tests.conftest import SHAKESPEARE_HEAD, TINY, cli_runner
 from tests.test_bad_input import bad_checkpoints, one_line_error
 from tests.test_eval import make_model, write_checkpoint
 
@@ -23,7 +22,7 @@ TEXT = SHAKESPEARE_HEAD * 2  # scored text: only characters of the training corp
 
 
 def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return cli_runner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,11 @@ import struct
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 from charlstm.cli import cli
 from charlstm.plot import DPI, HEIGHT_IN, WIDTH_IN, read_run
 
-from tests.conftest import TINY
+from tests.conftest import TINY, cli_runner
 from tests.test_bad_input import one_line_error
 
 pytest.importorskip("matplotlib")  # the test extra installs it; without it only the refusal is testable
@@ -24,7 +23,7 @@ def runs(tmp_path_factory):
     corpus = out / "corpus.txt"
     corpus.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 10)
     for run, recipe in (("adagrad", []), ("adam", ["--optim", "adam", "--lr-decay", "0.5", "--lr-decay-every", "1"])):
-        result = CliRunner().invoke(cli, ["train", str(corpus), *TINY, *recipe, "--steps", "230", "--out", str(out),
+        result = cli_runner().invoke(cli, ["train", str(corpus), *TINY, *recipe, "--steps", "230", "--out", str(out),
                                           "--run", run, "--quiet"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     return out

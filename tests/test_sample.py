@@ -3,7 +3,6 @@ top-k, argmax) replayed from the same uniforms, and the stream's behaviour (seed
 stop strings, unknown characters, the command line)."""
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from charlstm import sample
 from charlstm.engine import stream_kernels
@@ -14,6 +13,7 @@ from charlstm.errors import UserError
 from charlstm.model import param_count, views
 
 from tests import reference
+from tests.conftest import cli_runner
 
 VOCAB = "\n\r !,.:?ACEMORabcdeghilmnorstuw"
 H = 6
@@ -62,12 +62,14 @@ def run(params, config, length, prime="", seed=0, **settings):
 # ---------------------------------------------------------------------------------- the model
 
 @pytest.mark.parametrize("team", [(1, 1), (3, 2)])
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-4)])
 @pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True), (3, False)])
 @pytest.mark.parametrize("length", [40, 41])
 def test_prime_leaves_the_reference_state(layers, peepholes, dtype, tol, team, length, team_of):
     """team (3, 2): each step's units (H = 37) cut into 3 shares on 2 threads, as the team runs
-    them. An odd and an even number of steps (the kernel keeps two copies of the state)."""
+    them. An odd and an even number of steps (the kernel keeps two copies of the state).
+    float32: one step is off by ~1e-7, and 40 steps through 3 random layers grow that to 2e-6
+    (Numba 0.61 and later) or 2e-5 (Numba 0.60: LLVM 14 rounds otherwise, the one-step error alike)."""
     team_of(*team)
     params, config = make_model(layers, peepholes, dtype, hidden=37)
     ids = np.random.default_rng(1).integers(0, len(VOCAB), length)
@@ -212,7 +214,7 @@ def checkpoint(tmp_path):
 
 def invoke(*args):
     """Run `charlstm sample`; result.out is stdout exactly (click's .stdout turns \r\n into \n)."""
-    result = CliRunner().invoke(cli, ["sample", *map(str, args)], catch_exceptions=False)
+    result = cli_runner().invoke(cli, ["sample", *map(str, args)], catch_exceptions=False)
     result.out = result.stdout_bytes.decode()
     return result
 

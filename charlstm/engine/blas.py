@@ -19,33 +19,38 @@ import os
 import scipy
 import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba calls)
 
-_SET, _GET = "scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"
+# OpenBLAS's thread-count functions: SciPy 1.13 and later ship it with its symbols prefixed (its
+# scipy-openblas build), SciPy 1.11 and 1.12 with plain ones.
+_PREFIXES = ("scipy_", "")
 
 
-def _find_library():
+def _find_functions():
+    """(set, get): the thread-count functions of SciPy's OpenBLAS, or (None, None)."""
     folder = os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs")
     for path in sorted(glob.glob(os.path.join(folder, "*openblas*"))):
         try:
             library = ctypes.CDLL(path)  # already loaded: the same handle, no second copy
         except OSError:
             continue
-        if hasattr(library, _SET) and hasattr(library, _GET):
-            return library
-    return None
+        for prefix in _PREFIXES:
+            set_, get = (getattr(library, f"{prefix}openblas_{verb}_num_threads", None) for verb in ("set", "get"))
+            if set_ is not None and get is not None:
+                return set_, get
+    return None, None
 
 
-_library = _find_library()
+_set, _get = _find_functions()
 
 
 def threads():
     """BLAS's thread count now (None when it cannot be read)."""
-    return getattr(_library, _GET)() if _library is not None else None
+    return _get() if _get is not None else None
 
 
 def set_threads(n):
     """Run BLAS on n threads from now on (benchmarks measuring BLAS itself; charlstm keeps 1)."""
-    if _library is not None:
-        getattr(_library, _SET)(max(1, n))
+    if _set is not None:
+        _set(max(1, n))
 
 
 set_threads(1)
