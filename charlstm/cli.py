@@ -116,6 +116,9 @@ def cli():
 @click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.3, show_default=True,
               help="Dropout on each layer's output on its way up (not on h -> h), reached after "
                    "--dropout-warmup epochs; 0 is off.")
+@click.option("--weight-drop", type=UNIT, default=0.0, show_default=True, metavar="P",
+              help="DropConnect on the recurrent weights (AWD-LSTM's weight drop): each window drops each "
+                   "weight of every layer's Wh with probability P, the same at every step; 0 is off.")
 @click.option("--init", type=click.Choice(INITS), default="fan-in", show_default=True,
               help="Initialisation: fan-in is PyTorch's (all weights and biases in ±1/sqrt(H)); char-rnn is "
                    "weights in ±0.08 and forget bias 1.")
@@ -288,7 +291,9 @@ def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, as_j
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random model and data.")
 @click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
               help="Check with this dropout (one fixed set of masks).")
-def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout):
+@click.option("--weight-drop", type=UNIT, default=0.0, show_default=True,
+              help="Check with this weight drop on Wh (one fixed mask).")
+def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout, weight_drop):
     """Check the kernels' gradients against central differences, in float64.
 
     Prints the max relative error of every parameter tensor and of the initial state h0, c0, and
@@ -300,7 +305,7 @@ def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout):
     """
     from charlstm.gradcheck import TOLERANCE, gradcheck as run_gradcheck
 
-    errors = run_gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout)
+    errors = run_gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout, weight_drop)
     width = max(map(len, errors))
     for name, error in errors.items():
         click.echo(f"{name:<{width}}  {error:.3e}  {'ok' if error < TOLERANCE else 'FAIL'}")

@@ -58,6 +58,7 @@ class TrainConfig:
     dropout: float = 0.3  # reached after dropout_warmup epochs
     init: str = "fan-in"  # one of INITS
     dropout_warmup: float = 20.0  # epochs over which dropout ramps up from 0 (schedule.dropout_at)
+    weight_drop: float = 0.0  # DropConnect on each layer's Wh, a mask per window (engine/dropout.py)
     val_frac: float = 0.05
     seed: int = 0
     steps: int | None = None
@@ -92,4 +93,4 @@ class TrainConfig:
 
 
 # Checkpoints written before an option existed trained with these values.
-BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "optim": "adagrad"}
+BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "optim": "adagrad", "weight_drop": 0.0}
