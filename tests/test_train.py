@@ -225,15 +225,3 @@ def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
     assert asked == [(stream_kernels.forward_one, stream_kernels.backward_one),
                      (recurrent.forward_streams, recurrent.backward_streams)]
 
-
-@pytest.mark.parametrize("shape", [["--batch-size", "4"], ["--batch-size", "1", "--hidden", "40"]])
-def test_weight_drop_trains_the_same_bytes_on_one_thread_and_two(tmp_path, corpus, run_cli, shape):
-    """--weight-drop: B > 1 and B = 1 (H = 40: units in 3 blocks, split across the team), on 1
-    thread and on 2, the same bytes; the option is in the checkpoint, and it changes training."""
-    for run, extra in (("one", ["--threads", "1"]), ("two", ["--threads", "2"]), ("none", ["--weight-drop", "0"])):
-        result = run_cli("train", corpus, *TINY, *shape, "--weight-drop", "0.4", "--steps", 8, *extra, "--out", tmp_path,
-                         "--run", run, "--quiet")
-        assert result.exit_code == 0, result.output
-    assert arrays(tmp_path / "one" / "latest.npz") == arrays(tmp_path / "two" / "latest.npz")
-    assert load_checkpoint(tmp_path / "two" / "latest.npz").train_config.weight_drop == 0.4
-    assert arrays(tmp_path / "one" / "latest.npz") != arrays(tmp_path / "none" / "latest.npz")
