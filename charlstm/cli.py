@@ -408,11 +408,12 @@ def sample(ctx, checkpoint, length, temperature, top_k, argmax, seed, prime, pri
     settings = dynamic_settings(ctx, "--adapt", adapt is not None, options)
     from charlstm import sample as sampling
     from charlstm.checkpoint import load_checkpoint
+    from charlstm.dynamic import kernels_cached as dynamic_kernels_cached
 
     ckpt = load_checkpoint(checkpoint)
     text = sampling.read_prime(prime, prime_file)
     text = sampling.check_prime(text, ckpt.model_config.vocab, unknown, warn=lambda m: click.echo(m, err=True))
-    if not sampling.kernels_cached(ckpt.model_config):
+    if not sampling.kernels_cached(ckpt.model_config) or (settings is not None and not dynamic_kernels_cached()):
         click.echo("compiling kernels (first run only)...", err=True)
     params = ckpt.params
     if settings is not None:
@@ -475,10 +476,11 @@ def evaluate(ctx, checkpoint, file, as_json, unknown, encoding, dynamic, threads
     # that the step kernel's threads need (it measured 2-3x slower on 2 cores).
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from charlstm.checkpoint import load_checkpoint
+    from charlstm.dynamic import kernels_cached as dynamic_kernels_cached
     from charlstm.evaluate import evaluate_file, kernels_cached, report
 
     ckpt = load_checkpoint(checkpoint)
-    if not kernels_cached(ckpt.model_config):
+    if not (kernels_cached(ckpt.model_config) if settings is None else dynamic_kernels_cached()):
         click.echo("compiling kernels (first run only)...", err=True)
     if settings is None:
         score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charlstm.engine import network
-from charlstm.engine.jit import kernel
+from charlstm.engine import network, stream_kernels
+from charlstm.engine.jit import is_cached, kernel
 from charlstm.engine.threads import Governor, team, use
 from charlstm.errors import UserError
 from charlstm.evaluate import Score, feed_text
@@ -212,3 +212,8 @@ def report_dynamic(static, dynamic, path, settings, source, as_json=False, skipp
         f"{'perplexity':<12}{s.perplexity:>10.4f}{d.perplexity:>10.4f}",
         f"{'seconds':<12}{static.seconds:>10.1f}{dynamic.seconds:>10.1f}",
     ])
+
+
+def kernels_cached():
+    """Whether the kernels of a dynamic pass are in Numba's disk cache (so no compile is coming)."""
+    return is_cached(stream_kernels.forward_one, stream_kernels.backward_one, descend)

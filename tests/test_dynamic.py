@@ -295,3 +295,21 @@ def test_a_checkpoint_without_a_gradient_scale_says_how_to_get_one(tmp_path, mod
 def test_diverging_steps_are_one_line(model_files):
     ckpt, text = model_files
     one_line_error(invoke("eval", ckpt, text, "--dynamic", "--eta", 1e6, "--segment", 5), "smaller --eta", code=1)
+
+
+def test_a_second_model_compiles_nothing_new():
+    """Dynamic passes over models of other shapes (layers, peepholes) in a dtype already seen
+    reuse the compiled kernels: one specialization per dtype."""
+    def run(layers, peepholes, dtype, lam):
+        params, config = make_model(layers, peepholes, dtype, hidden=7, seed=layers)
+        dynamic.run_ids(params, config, ids_of(TEXT[:40]), DynamicConfig(9, 0.01, lam), random_rms(config))
+
+    for dtype in ("float32", "float64"):
+        run(2, True, dtype, 0.1)
+        run(2, True, dtype, 0.0)
+    used = [dynamic.descend, dynamic.descend_and_pull]
+    counts = [len(k.signatures) for k in used]
+    for dtype in ("float32", "float64"):
+        run(1, False, dtype, 0.1)
+        run(3, True, dtype, 0.0)
+    assert counts == [len(k.signatures) for k in used] == [2, 2]
