@@ -122,7 +122,7 @@ def main():
     config, params = ckpt.model_config, ckpt.params
     with tempfile.TemporaryDirectory() as cache:
         ids = np.asarray(load_corpus(args.corpus, cache, vocab=config.vocab).ids, dtype=np.int32)
-    n_train, n_val = split(len(ids), ckpt.train_config.val_frac)
+    n_train, _ = split(len(ids), ckpt.train_config.val_frac)
     val = ids[n_train:]
     first, second = val[:len(val) // 2], val[len(val) // 2:]
     say(f"{args.checkpoint}: {config.layers}x{config.hidden}, step {ckpt.manifest.get('step')}; validation "
