@@ -345,7 +345,8 @@ def _check_train(train):
 
 # Values outside these would break the optimizer's or the schedule's arithmetic (a division by
 # zero, a power that overflows); the CLI's ranges are the same.
-_RANGES = {"rmsprop_alpha": (0.0, 1.0), "adam_beta1": (0.0, 1.0), "adam_beta2": (0.0, 1.0)}  # [lo, hi)
+_RANGES = {"rmsprop_alpha": (0.0, 1.0), "adam_beta1": (0.0, 1.0), "adam_beta2": (0.0, 1.0),
+           "weight_drop": (0.0, 1.0)}  # [lo, hi)
 
 
 def _check_recipe(train):

@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from charlstm.config import DEFAULT_LR, INITS, OPTIMIZERS
+from charlstm.config import (DEFAULT_LR, DYNAMIC_ETA, DYNAMIC_LAMBDA, DYNAMIC_SEGMENT, INITS, OPTIMIZERS,
+                             RMS_TEXT_CHARS)
 
 POSITIVE = click.IntRange(min=1)
 UNIT = click.FloatRange(min=0, max=1, max_open=True)  # [0, 1): RMSprop's alpha, Adam's betas
@@ -124,6 +125,9 @@ def cli():
 @click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.3, show_default=True,
               help="Dropout on each layer's output on its way up (not on h -> h), reached after "
                    "--dropout-warmup epochs; 0 is off.")
+@click.option("--weight-drop", type=UNIT, default=0.0, show_default=True, metavar="P",
+              help="DropConnect on the recurrent weights (AWD-LSTM's weight drop): each window drops each "
+                   "weight of every layer's Wh with probability P, the same at every step; 0 is off.")
 @click.option("--init", type=click.Choice(INITS), default="fan-in", show_default=True,
               help="Initialisation: fan-in is PyTorch's (all weights and biases in ±1/sqrt(H)); char-rnn is "
                    "weights in ±0.08 and forget bias 1.")
@@ -296,7 +300,9 @@ def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, as_j
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random model and data.")
 @click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
               help="Check with this dropout (one fixed set of masks).")
-def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout):
+@click.option("--weight-drop", type=UNIT, default=0.0, show_default=True,
+              help="Check with this weight drop on Wh (one fixed mask).")
+def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout, weight_drop):
     """Check the kernels' gradients against central differences, in float64.
 
     Prints the max relative error of every parameter tensor and of the initial state h0, c0, and
@@ -308,7 +314,7 @@ def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout):
     """
     from charlstm.gradcheck import TOLERANCE, gradcheck as run_gradcheck
 
-    errors = run_gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout)
+    errors = run_gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout, weight_drop)
     width = max(map(len, errors))
     for name, error in errors.items():
         click.echo(f"{name:<{width}}  {error:.3e}  {'ok' if error < TOLERANCE else 'FAIL'}")
@@ -320,6 +326,52 @@ def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout):
 
 
 UNKNOWN = click.Choice(["error", "skip"])
+DYNAMIC_OPTIONS = ("segment", "eta", "lam", "rms_text", "rms_chars")
+
+
+def dynamic_options(command):
+    """The options of dynamic evaluation (dynamic.py), shared by `eval --dynamic` and `sample --adapt`."""
+    options = [
+        click.option("--segment", type=POSITIVE, default=DYNAMIC_SEGMENT, show_default=True, metavar="N",
+                     help="Dynamic evaluation: characters per segment (a step after each)."),
+        click.option("--eta", type=click.FloatRange(min=0), default=DYNAMIC_ETA, show_default=True,
+                     help="Dynamic evaluation: the step, theta -= eta * g / (RMS + eps)."),
+        click.option("--lambda", "lam", type=UNIT, default=DYNAMIC_LAMBDA, show_default=True,
+                     help="Dynamic evaluation: the pull back to the checkpoint's weights, in [0, 1)."),
+        click.option("--rms-text", type=click.Path(), metavar="FILE",
+                     help="Measure the gradient scale RMS on this training text [default: from the "
+                          "checkpoint's optimizer state]."),
+        click.option("--rms-chars", type=click.IntRange(min=2), default=RMS_TEXT_CHARS, show_default=True,
+                     help="Characters of --rms-text to measure on, at most."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def dynamic_settings(ctx, flag, on, options):
+    """The DynamicConfig of the options given; an option given without `flag` is a usage error."""
+    if not on:
+        given = [name for name in DYNAMIC_OPTIONS
+                 if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            name = "lambda" if given[0] == "lam" else given[0].replace("_", "-")
+            raise click.UsageError(f"--{name} is an option of {flag}", ctx)
+        return None
+    from charlstm.config import DynamicConfig
+
+    return DynamicConfig(options["segment"], options["eta"], options["lam"])
+
+
+def rms_for(ckpt, checkpoint, settings, options, unknown, encoding="utf-8"):
+    """RMS for dynamic evaluation and a few words on its source: measured on --rms-text, or the
+    checkpoint's optimizer state."""
+    from charlstm import gradient_scale as scale
+
+    if options["rms_text"] is None:
+        return scale.from_checkpoint(ckpt, checkpoint)
+    return scale.from_text(ckpt, options["rms_text"], settings.segment, options["rms_chars"], encoding, unknown,
+                           warn=lambda m: click.echo(m, err=True))
 
 
 @cli.command()
@@ -334,11 +386,17 @@ UNKNOWN = click.Choice(["error", "skip"])
 @click.option("--prime", help="Text to warm up the model with; printed first.")
 @click.option("--prime-file", type=click.Path(), help="Read the prime from this UTF-8 file.")
 @click.option("--unknown", type=UNKNOWN, default="error", show_default=True,
-              help="Prime characters outside the vocabulary: stop with an error, or skip them with a warning.")
+              help="Prime (and --adapt) characters outside the vocabulary: stop with an error, or skip them with "
+                   "a warning.")
 @click.option("--stop", help="End each sample right after the first occurrence of this text in it.")
 @click.option("--samples", type=POSITIVE, default=1, show_default=True, help="Independent samples, separated by a blank line.")
+@click.option("--adapt", type=click.Path(), metavar="FILE",
+              help="Dynamic evaluation over FILE first (the model learns as it reads), then sample.")
+@dynamic_options
 @click.option("--threads", type=POSITIVE, help="Threads for the kernels [default: all cores].")
-def sample(checkpoint, length, temperature, top_k, argmax, seed, prime, prime_file, unknown, stop, samples, threads):
+@click.pass_context
+def sample(ctx, checkpoint, length, temperature, top_k, argmax, seed, prime, prime_file, unknown, stop, samples, adapt,
+           threads, **options):
     """Stream text generated by the model in CHECKPOINT to stdout, as it is made.
 
     Each sample starts from zero state, warmed by the prime if one is given (else its first
@@ -350,23 +408,44 @@ def sample(checkpoint, length, temperature, top_k, argmax, seed, prime, prime_fi
       charlstm sample checkpoints/tinyshakespeare/best.npz --length 2000 --temperature 0.8
       charlstm sample best.npz --prime "ROMEO:" --stop $'\\n\\n' --samples 3 --seed 1
       charlstm sample best.npz --length 10000000 > out.txt
+      charlstm sample best.npz --adapt docs/examples/new_speakers.txt --prime "QUILLAN:"
     """
     set_threads(threads)
     if stop == "":
         raise click.BadParameter("must not be empty", param_hint="'--stop'")
+    settings = dynamic_settings(ctx, "--adapt", adapt is not None, options)
     from charlstm import sample as sampling
     from charlstm.checkpoint import load_checkpoint
+    from charlstm.dynamic import kernels_cached as dynamic_kernels_cached
 
     ckpt = load_checkpoint(checkpoint)
     text = sampling.read_prime(prime, prime_file)
     text = sampling.check_prime(text, ckpt.model_config.vocab, unknown, warn=lambda m: click.echo(m, err=True))
-    if not sampling.kernels_cached(ckpt.model_config):
+    if not sampling.kernels_cached(ckpt.model_config) or (settings is not None and not dynamic_kernels_cached()):
         click.echo("compiling kernels (first run only)...", err=True)
+    params = ckpt.params
+    if settings is not None:
+        params = adapt_to(ckpt, checkpoint, adapt, settings, options, unknown)
     try:
-        sampling.write_samples(sys.stdout, ckpt.params, ckpt.model_config, seed, samples, length, text,
+        sampling.write_samples(sys.stdout, params, ckpt.model_config, seed, samples, length, text,
                                temperature=temperature, top_k=top_k or 0, greedy=argmax, stop=stop)
     except BrokenPipeError:  # `charlstm sample ... | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+
+
+def adapt_to(ckpt, checkpoint, path, settings, options, unknown):
+    """The checkpoint's weights after dynamic evaluation over the file at `path` (sample --adapt),
+    saying on stderr what it did."""
+    from charlstm.dynamic import adapt
+    from charlstm.evaluate import open_text
+
+    warn = lambda m: click.echo(m, err=True)
+    text = open_text(ckpt.model_config, path, unknown=unknown, warn=warn, what="--adapt file")
+    rms, source = rms_for(ckpt, checkpoint, settings, options, unknown)
+    params, result = adapt(ckpt.params, ckpt.model_config, text, settings, rms)
+    warn(f"adapted to {path}: {result.score.chars:,} characters, {result.score.nats_per_char:.4f} nats/char "
+         f"while reading, {result.seconds:.1f} s ({settings.describe()}; RMS from {source})")
+    return params
 
 
 @cli.command(name="eval")
@@ -376,31 +455,53 @@ def sample(checkpoint, length, temperature, top_k, argmax, seed, prime, prime_fi
               help="Print one JSON object with nats_per_char, bits_per_char, perplexity, chars.")
 @click.option("--unknown", type=UNKNOWN, default="error", show_default=True,
               help="Characters outside the vocabulary: stop with an error, or skip them and report how many.")
-@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of FILE.")
+@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of FILE (and --rms-text).")
+@click.option("--dynamic", is_flag=True,
+              help="Dynamic evaluation (Krause et al. 2018): after scoring each segment the model takes a "
+                   "step on it; prints the static and the dynamic score side by side, with their times.")
+@dynamic_options
 @click.option("--threads", type=POSITIVE, help="Threads for the kernels [default: all cores].")
-def evaluate(checkpoint, file, as_json, unknown, encoding, threads):
+@click.pass_context
+def evaluate(ctx, checkpoint, file, as_json, unknown, encoding, dynamic, threads, **options):
     """Score FILE under the model in CHECKPOINT: nats and bits per character, and perplexity.
 
     FILE is read as one stream from zero state; the score is the mean over its characters after
     the first of -log p(char | every earlier char). The file is streamed, never held whole.
 
+    With --dynamic the model keeps learning as it reads: FILE is cut into segments of --segment
+    characters, each scored first, then backpropagated, then the weights move by
+    theta -= eta * g / (RMS + eps) and back towards the checkpoint's by lambda (RMS: the gradient
+    scale of training). The checkpoint is only read.
+
     \b
-    Example:
+    Examples:
       charlstm eval checkpoints/tinyshakespeare/best.npz held-out.txt --json
+      charlstm eval best.npz held-out.txt --dynamic --eta 0.003 --segment 50
     """
     set_threads(threads)
+    settings = dynamic_settings(ctx, "--dynamic", dynamic, options)
     # BLAS on one thread: eval's products are small, and idle OpenBLAS threads spin on the cores
     # that the step kernel's threads need (it measured 2-3x slower on 2 cores).
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from charlstm.checkpoint import load_checkpoint
+    from charlstm.dynamic import kernels_cached as dynamic_kernels_cached
     from charlstm.evaluate import evaluate_file, kernels_cached, report
 
     ckpt = load_checkpoint(checkpoint)
-    if not kernels_cached(ckpt.model_config):
+    if not (kernels_cached(ckpt.model_config) if settings is None else dynamic_kernels_cached()):
         click.echo("compiling kernels (first run only)...", err=True)
-    score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,
-                          warn=lambda m: click.echo(m, err=True))
-    click.echo(report(score, file, as_json, skipping=unknown == "skip"))
+    if settings is None:
+        score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,
+                              warn=lambda m: click.echo(m, err=True))
+        click.echo(report(score, file, as_json, skipping=unknown == "skip"))
+        return
+    from charlstm.dynamic import evaluate_dynamic, report_dynamic
+    from charlstm.evaluate import open_text
+
+    text = open_text(ckpt.model_config, file, encoding, unknown, warn=lambda m: click.echo(m, err=True))
+    rms, source = rms_for(ckpt, checkpoint, settings, options, unknown, encoding)
+    static, dynamic = evaluate_dynamic(ckpt.params, ckpt.model_config, text, settings, rms)
+    click.echo(report_dynamic(static, dynamic, file, settings, source, as_json, skipping=unknown == "skip"))
 
 
 @cli.command(name="export")

@@ -1,7 +1,9 @@
-"""The two configurations a run is made of, as dataclasses stored whole in every checkpoint.
+"""The two configurations a run is made of, as dataclasses stored whole in every checkpoint, and
+dynamic evaluation's settings.
 
 ModelConfig fixes the network (and so the parameter layout); TrainConfig holds every training
-option under the name of its CLI option with underscores, as SPEC §3 asks of the manifest.
+option under the name of its CLI option with underscores, as SPEC §3 asks of the manifest;
+DynamicConfig the options of `eval --dynamic` and `sample --adapt` (dynamic.py).
 """
 from dataclasses import asdict, dataclass, fields
 
@@ -58,6 +60,7 @@ class TrainConfig:
     dropout: float = 0.3  # reached after dropout_warmup epochs
     init: str = "fan-in"  # one of INITS
     dropout_warmup: float = 20.0  # epochs over which dropout ramps up from 0 (schedule.dropout_at)
+    weight_drop: float = 0.0  # DropConnect on each layer's Wh, a mask per window (engine/dropout.py)
     val_frac: float = 0.05
     seed: int = 0
     steps: int | None = None
@@ -92,4 +95,37 @@ class TrainConfig:
 
 
 # Checkpoints written before an option existed trained with these values.
-BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "optim": "adagrad"}
+BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "optim": "adagrad", "weight_drop": 0.0}
+
+
+# ---- Dynamic evaluation's defaults (dynamic.py), in one block to change. Chosen by
+# benchmarks/dynamic_eval.py: tuned on the first half of the bundled corpus's validation split,
+# reported on the second (docs/dynamic-evaluation.md has the grid and the table).
+DYNAMIC_SEGMENT = 20  # n: characters per segment
+DYNAMIC_ETA = 5.4e-5  # eta: the step, in units of g / RMS (RMS from the checkpoint's optimizer state)
+DYNAMIC_LAMBDA = 0.0  # lambda: the pull back towards the checkpoint's weights, per segment
+DYNAMIC_EPS = 1e-6  # eps: added to RMS, so a parameter that saw little gradient in training moves boundedly
+RMS_TEXT_CHARS = 100_000  # characters of training text --rms-text measures RMS on, at most
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    segment: int = DYNAMIC_SEGMENT
+    eta: float = DYNAMIC_ETA
+    lam: float = DYNAMIC_LAMBDA  # lambda
+    eps: float = DYNAMIC_EPS
+
+    def problem(self):
+        """What is wrong with these settings, as one line, or None (the CLI's ranges say the same)."""
+        if self.segment < 1:
+            return f"the segment length must be at least 1, got {self.segment}"
+        if not self.eta >= 0:
+            return f"eta must be >= 0, got {self.eta:g}"
+        if not 0 <= self.lam < 1:
+            return f"lambda must be in [0, 1), got {self.lam:g}"
+        if not self.eps > 0:
+            return f"eps must be > 0, got {self.eps:g}"
+        return None
+
+    def describe(self):
+        return f"segments of {self.segment}, eta {self.eta:g}, lambda {self.lam:g}, eps {self.eps:g}"

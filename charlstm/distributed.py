@@ -39,7 +39,7 @@ import click
 import numpy as np
 from mpi4py import MPI
 
-from charlstm.engine.dropout import fill_masks
+from charlstm.engine.dropout import fill_masks, fill_weight_masks
 from charlstm.errors import UserError
 from charlstm.model import layout
 from charlstm.optim import scale
@@ -169,6 +169,8 @@ class Job:
             x, y = trainer.batcher.window(0)
             if cfg.dropout > 0:
                 fill_masks(trainer.ws.masks, cfg.dropout, cfg.seed, 0, (streams.start, len(streams), cfg.batch_size))
+            if cfg.weight_drop > 0:  # the mask fill's kernel compiles here too
+                fill_weight_masks(trainer.ws.weight_masks, cfg.weight_drop, cfg.seed, 0)
             share = slice(streams.start, streams.stop)
             state_copy = {name: a.copy() for name, a in s.optim_state.items()}
             train_step(s.params.copy(), np.zeros_like(s.params), state_copy, trainer.ws, x, y,

@@ -9,7 +9,8 @@ window, and only the recurrent product runs step by step, its units split across
 
 The file is read twice in chunks, never whole: pass 1 counts its characters and finds any outside
 the vocabulary (so that an error comes before the work, and the progress bar knows its total);
-pass 2 decodes, maps to ids and scores. Memory stays constant whatever the file's size.
+pass 2 decodes, maps to ids and scores (open_text and feed_text: dynamic evaluation reads its
+files with them too). Memory stays constant whatever the file's size.
 """
 import json
 import math
@@ -79,6 +80,9 @@ class Scorer:
             self._window(seq[start:start + T], seq[start + 1:start + T + 1])
         self.prev = seq[-1:]
 
+    def finish(self):
+        """Nothing is held back: every id fed is scored as it comes."""
+
     def _window(self, x, y):
         """x, y (T,): inputs and the targets they predict."""
         T, w, cfg = len(x), self.w, self.config
@@ -120,11 +124,31 @@ def _count(path, encoding):
     return counts
 
 
-def evaluate_file(params, config, path, encoding="utf-8", unknown="error", progress=True, warn=print):
-    """Score the text file at `path` under the model. Characters outside the vocabulary raise a
-    UserError listing them, or with unknown='skip' are dropped (with a warning) and counted."""
+@dataclass
+class Text:
+    """A text file checked against a model's vocabulary (pass 1), ready to be read as ids (pass 2)."""
+    path: str
+    encoding: str
+    lut: np.ndarray  # (MAX_CODE_POINT + 1,) int32: code point -> id, -1 outside the vocabulary
+    skipped: int  # characters outside the vocabulary, dropped with unknown='skip'
+    kept: int  # characters that become ids
+
+    def pieces(self):
+        """The file's ids in pieces of at most FEED, in order, read a chunk at a time."""
+        for cps in _read_chunks(self.path, self.encoding):
+            ids = self.lut[cps]
+            if self.skipped:
+                ids = ids[ids >= 0]
+            for start in range(0, len(ids), FEED):
+                yield ids[start:start + FEED]
+
+
+def open_text(config, path, encoding="utf-8", unknown="error", warn=print, what="file to score"):
+    """Pass 1 over the text file at `path`: characters outside the vocabulary raise a UserError
+    listing them, or with unknown='skip' are dropped (with a warning) and counted. A text needs
+    at least 2 characters (the first is only context)."""
     if not os.path.exists(path):
-        raise UserError(f"{path}: no such file; check the path of the file to score")
+        raise UserError(f"{path}: no such file; check the path of the {what}")
     counts = _count(path, encoding)
     lut = np.full(MAX_CODE_POINT + 1, -1, dtype=np.int32)  # code point -> id, -1 outside the vocab
     lut[np.frombuffer(config.vocab.encode("utf-32-le"), dtype=np.uint32)] = np.arange(config.vocab_size)
@@ -135,24 +159,35 @@ def evaluate_file(params, config, path, encoding="utf-8", unknown="error", progr
         listed = show_chars(map(chr, missing))
         if unknown != "skip":
             raise UserError(f"{path}: {skipped} character(s) not in the model's vocabulary: {listed}; "
-                            f"pass --unknown skip to score the rest")
+                            "pass --unknown skip to leave them out")
         warn(f"warning: skipping {skipped} character(s) of {path} not in the model's vocabulary: {listed}")
     kept = int(counts.sum()) - skipped
     if kept < 2:
         raise UserError(f"{path}: {kept} character(s){' after skipping' if skipped else ''}, nothing to "
                         f"score: a file needs at least 2 (the first is only context)")
-    scorer = Scorer(params, config)
-    with tqdm(total=kept - 1, unit="char", unit_scale=True, desc="scoring", file=sys.stderr,
+    return Text(str(path), encoding, lut, skipped, kept)
+
+
+def feed_text(text, scorer, progress=True, desc="scoring"):
+    """Pass 2: feed every id of `text` to `scorer` (a Scorer, or anything with its feed, finish
+    and count), with a progress bar on stderr."""
+    with tqdm(total=text.kept - 1, unit="char", unit_scale=True, desc=desc, file=sys.stderr,
               delay=1.0, disable=not progress, dynamic_ncols=True) as bar:
-        for cps in _read_chunks(path, encoding):
-            ids = lut[cps]
-            if skipped:
-                ids = ids[ids >= 0]
-            for start in range(0, len(ids), FEED):
-                before = scorer.count
-                scorer.feed(ids[start:start + FEED])
-                bar.update(scorer.count - before)
-    return Score(scorer.score(), scorer.count, skipped)
+        for ids in text.pieces():
+            before = scorer.count
+            scorer.feed(ids)
+            bar.update(scorer.count - before)
+        before = scorer.count
+        scorer.finish()
+        bar.update(scorer.count - before)
+
+
+def evaluate_file(params, config, path, encoding="utf-8", unknown="error", progress=True, warn=print):
+    """Score the text file at `path` under the model (open_text says what it refuses)."""
+    text = open_text(config, path, encoding, unknown, warn)
+    scorer = Scorer(params, config)
+    feed_text(text, scorer, progress)
+    return Score(scorer.score(), scorer.count, text.skipped)
 
 
 def report(score, path, as_json=False, skipping=False):

@@ -38,6 +38,7 @@ def describe(path, as_json=False):
         f"vocab {model.vocab_size}, {param_count(model):,} parameters, {model.dtype}",
         f"training     batch {train.batch_size} x seq {train.seq_length}, clip {train.clip} ({train.clip_mode}), "
         f"dropout {train.dropout}" + (f" (ramped over {train.dropout_warmup:g} epochs)" if train.dropout_warmup else "")
+        + (f", weight drop {train.weight_drop}" if train.weight_drop else "")
         + f", init {train.init}, val-frac {train.val_frac}, seed {train.seed}",
         f"optimizer    {train.recipe()}{_lr_now(m.get('lr'))}",
         f"             state {', '.join(ckpt.optim_state)}: {_size(ckpt.optim_state.values())}",

@@ -18,7 +18,7 @@ from charlstm.engine import network
 from charlstm.checkpoint import load_checkpoint
 from charlstm.config import ModelConfig
 from charlstm.data import Batcher, file_sha256, load_corpus, split
-from charlstm.engine.dropout import fill_masks
+from charlstm.engine.dropout import fill_masks, fill_weight_masks
 from charlstm.errors import UserError
 from charlstm.model import init_params, param_count
 from charlstm.optim import clip_gradients, new_state, sum_of_squares, update
@@ -100,7 +100,7 @@ class Trainer:
         self.batcher = Batcher(corpus.ids[:n_train], train_cfg.batch_size, train_cfg.seq_length, self.streams)
         self.val_ids = corpus.ids[n_train:]
         self.ws = network.Workspace(model_cfg, len(self.streams), train_cfg.seq_length,
-                                    dropout=train_cfg.dropout > 0)
+                                    dropout=train_cfg.dropout > 0, weight_drop=train_cfg.weight_drop > 0)
         self.grads = np.zeros_like(state.params)
         self.rng = np.random.default_rng(train_cfg.seed)
         if state.rng_state:
@@ -130,6 +130,8 @@ class Trainer:
         if cfg.dropout > 0:  # this step's masks: a function of (seed, step), so resume needs nothing saved
             fill_masks(self.ws.masks, dropout_at(cfg, s.step, self.windows_per_epoch), cfg.seed, s.step,
                        (self.streams.start, len(self.streams), cfg.batch_size))
+        if cfg.weight_drop > 0:  # the same for every rank: the weights are shared
+            fill_weight_masks(self.ws.weight_masks, cfg.weight_drop, cfg.seed, s.step)
         loss = self.governor.run(lambda: train_step(s.params, self.grads, s.optim_state, self.ws, x, y, s.h[:, share],
                                                     s.c[:, share], cfg, s.step + 1, self.lr, self.reduce))
         s.step += 1
@@ -343,7 +345,8 @@ def summary(trainer, total_steps, deadline_s):
     yield (f"{cfg.batch_size} streams x {cfg.seq_length} steps = {cfg.batch_size * cfg.seq_length:,} chars per step, "
            f"{trainer.windows_per_epoch:,} steps per epoch ({n_train:,} chars); {cfg.recipe()}, "
            f"clip {cfg.clip} ({cfg.clip_mode})" + (f", dropout {cfg.dropout}" if cfg.dropout > 0 else "")
-           + (f" ramped up over {cfg.dropout_warmup:g} epochs" if cfg.dropout > 0 and cfg.dropout_warmup > 0 else ""))
+           + (f" ramped up over {cfg.dropout_warmup:g} epochs" if cfg.dropout > 0 and cfg.dropout_warmup > 0 else "")
+           + (f", weight drop {cfg.weight_drop}" if cfg.weight_drop > 0 else ""))
     stops = []
     if total_steps is not None:
         stops.append(f"at step {total_steps:,}")

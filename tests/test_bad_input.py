@@ -55,6 +55,7 @@ def checkpoints(folder):
     (["--hidden", "many"], ["'--hidden'", "'many' is not a valid integer"]),
     (["--dtype", "float16"], ["'--dtype'", "float32"]),
     (["--clip-mode", "max"], ["'--clip-mode'"]),
+    (["--weight-drop", "1"], ["'--weight-drop'", "0<=x<1"]),
     (["--hiden", "8"], ["No such option", "--hidden"]),
 ])
 def test_bad_train_option_is_one_usage_line(tmp_path, corpus, run_cli, args, words):

@@ -107,6 +107,8 @@ def test_options_a_manifest_lacks_take_their_value_from_before_they_existed():
     older = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("init", "dropout_warmup")}
     assert (TrainConfig().init, TrainConfig().dropout_warmup) == ("fan-in", 20.0)
     assert (TrainConfig.from_dict(older).init, TrainConfig.from_dict(older).dropout_warmup) == ("char-rnn", 0.0)
+    before_weight_drop = {k: v for k, v in TrainConfig(weight_drop=0.2).to_dict().items() if k != "weight_drop"}
+    assert TrainConfig.from_dict(before_weight_drop).weight_drop == 0.0
 
 
 def test_file_is_a_plain_npz(tmp_path):

@@ -5,13 +5,14 @@ finite differences in test_gradcheck."""
 import numpy as np
 import pytest
 
-from charlstm.engine.dropout import fill_masks, step_key
+from charlstm.engine.dropout import WEIGHT_STREAM, fill_masks, fill_weight_masks, mix64, step_key
 
 
-def numpy_masks(shape, p, seed, step):
-    """SplitMix64 at indices 1..n of the stream keyed by (seed, step), in NumPy's wrapping uint64."""
+def numpy_masks(shape, p, seed, step, key=None):
+    """SplitMix64 at indices 1..n of the stream keyed by (seed, step) (or by `key`), in NumPy's
+    wrapping uint64."""
     n = int(np.prod(shape))
-    z = np.uint64(step_key(seed, step)) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = np.uint64(step_key(seed, step) if key is None else key) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
@@ -75,3 +76,20 @@ def test_a_share_of_the_streams_gets_the_whole_batchs_masks_there(first, count):
     fill_masks(share, 0.5, seed=2, step=9, streams=(first, count, B))
     expected = whole.reshape(L, T, B, H)[:, :, first:first + count].reshape(L, T * count, H)
     assert np.array_equal(share, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weight_masks_match_numpy_and_are_not_the_dropout_masks(dtype):
+    """Weight drop's masks (L, G, H): the stream keyed by the step's dropout key mixed with
+    WEIGHT_STREAM; a function of (seed, step) like the dropout masks, and not equal to them."""
+    masks = np.full((2, 24, 6), np.nan, dtype=dtype)
+    fill_weight_masks(masks, 0.3, seed=3, step=11)
+    key = int(mix64(np.uint64(step_key(3, 11)) ^ WEIGHT_STREAM))
+    assert np.array_equal(masks, numpy_masks(masks.shape, 0.3, 3, 11, key).astype(dtype))
+    dropout = np.empty_like(masks)
+    fill_masks(dropout, 0.3, seed=3, step=11)
+    assert not np.array_equal(masks, dropout)
+    again = np.empty_like(masks)
+    fill_weight_masks(again, 0.3, seed=3, step=12)
+    assert not np.array_equal(masks, again)
+    assert 0.15 < np.mean(masks == 0) < 0.45

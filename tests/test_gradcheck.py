@@ -37,3 +37,14 @@ def test_gradcheck_catches_a_wrong_gradient(monkeypatch):
     monkeypatch.setattr(network.kernels, "column_sums", doubled)
     errors = gradcheck(hidden=4, layers=1, peepholes=False, batch_size=2, seq_length=3)
     assert errors["out.b"] > 0.1 and errors["l0.b"] > 0.1
+
+
+@pytest.mark.parametrize("layers,B", [(1, 1), (2, 3), (3, 1)])
+def test_gradients_with_weight_drop_match_finite_differences(layers, B):
+    """Weight drop with its mask held fixed (and dropout besides): the gradient of Wh is the
+    masked product's, through the mask again."""
+    errors = gradcheck(hidden=5, layers=layers, peepholes=True, batch_size=B, seq_length=4, seed=3, dropout=0.2,
+                       weight_drop=0.4)
+    assert {f"l{l}.Wh" for l in range(layers)} <= set(errors)
+    bad = {name: e for name, e in errors.items() if not e < TOLERANCE}
+    assert not bad

@@ -25,13 +25,15 @@ def random_case(layers, peepholes, B, T, dtype, seed=0, hidden=6):
     return config, params, x, y, h0, c0
 
 
-def run_network(config, params, x, y, h0, c0, masks=None):
+def run_network(config, params, x, y, h0, c0, masks=None, weight_masks=None):
     """Loss, gradients (flat), dh0, dc0 and final state from the kernels. x, y are (B, T); dropout
-    masks, if any, (L, T, B, H) as the reference takes them."""
+    masks, if any, (L, T, B, H) as the reference takes them; weight-drop masks (L, G, H)."""
     B, T = x.shape
-    ws = network.Workspace(config, B, T, dropout=masks is not None)
+    ws = network.Workspace(config, B, T, dropout=masks is not None, weight_drop=weight_masks is not None)
     if masks is not None:
         ws.masks[:] = masks.reshape(ws.masks.shape)
+    if weight_masks is not None:
+        ws.weight_masks[:] = weight_masks
     xt, yt = np.ascontiguousarray(x.T), np.ascontiguousarray(y.T)  # kernels are time-major
     network.forward(params, ws, xt, h0, c0)
     loss = network.loss(params, ws, yt)
@@ -73,6 +75,41 @@ def test_engine_matches_reference(monkeypatch, layers, peepholes, B, H, dtype, t
     assert_matches_reference(case, shared, tol, masks)
     for ours, theirs in zip(shared, alone):
         assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("layers,peepholes,B,H", [(1, False, 1, 37), (2, True, 1, 37), (3, True, 7, 20)])
+def test_weight_drop_matches_the_reference_on_masked_weights(monkeypatch, layers, peepholes, B, H, dtype, tol):
+    """Weight drop is the reference run on Wh * mask, with dloss/dWh its gradient through the mask:
+    B = 1 (units split across the team) and B > 1, on one thread and on two, the same bits."""
+    from charlstm.engine.dropout import fill_weight_masks
+    from charlstm.engine.threads import team
+
+    config, params, x, y, h0, c0 = random_case(layers, peepholes, B, 5, dtype, hidden=H)
+    weight_masks = np.zeros((layers, 4 * H, H), dtype)
+    fill_weight_masks(weight_masks, 0.4, seed=1, step=2)
+    monkeypatch.setattr(team, "most", max(team.most, 2))
+    monkeypatch.setattr(team, "size", 1)
+    alone = run_network(config, params, x, y, h0, c0, weight_masks=weight_masks)
+    monkeypatch.setattr(team, "size", 2)
+    loss, grads, dh0, dc0, h, c = run_network(config, params, x, y, h0, c0, weight_masks=weight_masks)
+    for ours, theirs in zip((loss, grads, dh0, dc0, h, c), alone):
+        assert np.array_equal(ours, theirs)
+    dropped = params.astype(np.float64)
+    for l in range(layers):
+        views(dropped, config)[f"l{l}.Wh"][...] *= weight_masks[l]
+    p = views(dropped, config)
+    h64, c64 = h0.astype(np.float64), c0.astype(np.float64)
+    ref_loss, cache, ref_h, ref_c = reference.forward(p, x, y, h64, c64, layers, peepholes)
+    ref = reference.backward(p, cache, y, layers, peepholes)
+    assert abs(loss - ref_loss) < tol
+    g = views(grads, config)
+    for name in p:
+        want = ref[name] * (weight_masks[int(name[1])] if name.endswith(".Wh") else 1)
+        assert np.max(np.abs(g[name] - want)) < tol, name
+    assert not g["l0.Wh"][weight_masks[0] == 0].any()  # a dropped weight gets no gradient
+    assert np.max(np.abs(h - ref_h)) < tol and np.max(np.abs(c - ref_c)) < tol
+    assert np.max(np.abs(dh0 - ref["h0"])) < tol and np.max(np.abs(dc0 - ref["c0"])) < tol
 
 
 @pytest.mark.parametrize("rows", range(1, 9))

@@ -103,6 +103,24 @@ def test_switching_threads_every_step_trains_the_same_bytes(tmp_path, corpus, ru
     assert arrays(tmp_path / "steady" / "latest.npz") == arrays(tmp_path / "switching" / "latest.npz")
 
 
+@needs_two
+@pytest.mark.parametrize("shape", [["--batch-size", "4"], ["--batch-size", "1", "--hidden", "40"]])
+def test_weight_drop_trains_the_same_bytes_on_one_thread_and_two(tmp_path, corpus, run_cli, monkeypatch, shape):
+    """--weight-drop: B > 1 and B = 1 (H = 40: units in 3 blocks, split across the team), on 1
+    thread and switching between 1 and 2 every step, the same bytes; the option is in the
+    checkpoint, and it changes training."""
+    from charlstm.checkpoint import load_checkpoint
+
+    args = [*TINY, *shape, "--weight-drop", "0.4", "--steps", "8", "--out", tmp_path, "--quiet"]
+    assert run_cli("train", corpus, *args, "--threads", "1", "--run", "one").exit_code == 0
+    assert run_cli("train", corpus, *args, "--weight-drop", "0", "--threads", "1", "--run", "none").exit_code == 0
+    monkeypatch.setattr(train, "Governor", Alternating)
+    assert run_cli("train", corpus, *args, "--threads", "2", "--run", "two").exit_code == 0
+    assert arrays(tmp_path / "one" / "latest.npz") == arrays(tmp_path / "two" / "latest.npz")
+    assert load_checkpoint(tmp_path / "two" / "latest.npz").train_config.weight_drop == 0.4
+    assert arrays(tmp_path / "one" / "latest.npz") != arrays(tmp_path / "none" / "latest.npz")
+
+
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_team_runs_every_share_once_and_passes_errors_on(size):
     """Team.run: each share once, whatever the thread count; an error in a helper's share reaches

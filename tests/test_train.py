@@ -36,7 +36,8 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("options", [["--dropout", "0"], ["--dropout", "0.3"], ["--dropout", "0.3", "--dropout-warmup", "0"],
-                                     ["--dropout", "0.4", "--dropout-warmup", "0.3", "--init", "char-rnn"]])
+                                     ["--dropout", "0.4", "--dropout-warmup", "0.3", "--init", "char-rnn"],
+                                     ["--weight-drop", "0.3"], ["--weight-drop", "0.5", "--batch-size", "1"]])
 def test_resume_is_exact_byte_for_byte(tmp_path, corpus, run_cli, options):
     straight = run_cli("train", corpus, *TINY, *options, "--steps", 40, "--out", tmp_path, "--run", "straight",
                        "--quiet")
@@ -249,3 +250,4 @@ def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
     train.kernels_cached(network.Workspace(config, 3, 5))
     assert asked == [(stream_kernels.forward_one, stream_kernels.backward_one),
                      (recurrent.forward_streams, recurrent.backward_streams)]
+

@@ -19,9 +19,14 @@ class Workspace:
 
     With dropout, `masks` (L, N, H) holds this step's dropout masks (charlstm.engine.dropout; the caller
     fills them before forward) and `dropped` (L, N, H) each layer's outputs through its mask, as
-    the layer above or the softmax sees them. Without, both are None."""
+    the layer above or the softmax sees them. Without, both are None.
 
-    def __init__(self, config, batch_size, seq_length, dropout=False):
+    With weight drop, `weight_masks` (L, G, H) holds this window's masks on each layer's Wh (the
+    caller fills them before forward) and `Wd` (L, G, H) each Wh through its mask, made once per
+    window by forward: the Wh the packers read, forward and backward, so a step costs what it did
+    without. Without, both are None."""
+
+    def __init__(self, config, batch_size, seq_length, dropout=False, weight_drop=False):
         L, H, V = config.layers, config.hidden, config.vocab_size
         B, T, G = batch_size, seq_length, 4 * config.hidden
         zeros = lambda *shape: np.zeros(shape, dtype=config.dtype)
@@ -41,6 +46,13 @@ class Workspace:
         self.partial, self.partial_out = zeros(team.most - 1, G, H), zeros(team.most - 1, V, H)
         self.masks = zeros(L, T * B, H) if dropout else None
         self.dropped = zeros(L, T * B, H) if dropout else None
+        self.weight_masks = zeros(L, G, H) if weight_drop else None
+        self.Wd = zeros(L, G, H) if weight_drop else None
+
+    def recurrent(self, l, Wh):
+        """Layer l's recurrent weights as this window uses them: Wh through its weight-drop mask
+        (what forward left in Wd), or Wh itself without weight drop."""
+        return Wh if self.Wd is None else self.Wd[l]
 
     def output_up(self, l):
         """Layer l's outputs at every position, (N, H), as the layer above (or the softmax, for the
@@ -89,7 +101,9 @@ def forward(params, ws, x, h0, c0):
                 kernels.project_input(X[lo:hi], Wx, b, A[lo:hi])
             _by_rows(N, input_terms)
         ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
-        Wh, peep = w[f"l{l}.Wh"], _peep(w, l, ws)
+        if ws.Wd is not None:  # weight drop: one mask for the whole window, before Wh is packed
+            np.multiply(w[f"l{l}.Wh"], ws.weight_masks[l], out=ws.Wd[l])
+        Wh, peep = ws.recurrent(l, w[f"l{l}.Wh"]), _peep(w, l, ws)
         if ws.B == 1:  # one stream: the team splits each step's units and meets once a step
             H = cfg.hidden
             A, h, c, tc = ws.gates[l].reshape(-1, G), ws.h[l].reshape(-1, H), ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H)
@@ -180,7 +194,7 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
     for l in reversed(range(cfg.layers)):
         ws.dh[:] = 0
         ws.dc[:] = 0
-        Wh, peep = w[f"l{l}.Wh"], _peep(w, l, ws)
+        Wh, peep = ws.recurrent(l, w[f"l{l}.Wh"]), _peep(w, l, ws)
         if ws.B == 1:
             gates, c, tc = ws.gates[l].reshape(-1, G), ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H)
             team.together(lambda rank, threads, sync: stream_kernels.backward_one(
@@ -192,6 +206,8 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
                                                                      ws.dA, ws.dh, ws.dc, lo, hi, ws.scratch),
                      team.shares(ws.B, packed.ROWS))
         _weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"], ws.partial)
+        if ws.Wd is not None:  # forward used Wd = Wh * mask, so dloss/dWh = dloss/dWd * mask
+            g[f"l{l}.Wh"] *= ws.weight_masks[l]
         db = g[f"l{l}.b"]
 
         def column_grads(lo, hi):  # the bias's, and layer 0's one-hot input's
