@@ -104,7 +104,7 @@ BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "opt
 DYNAMIC_SEGMENT = 50  # n: characters per segment
 DYNAMIC_ETA = 1.4e-4  # eta: the step, in units of g / RMS (RMS from the checkpoint's optimizer state)
 DYNAMIC_LAMBDA = 0.002  # lambda: the pull back towards the checkpoint's weights, per segment
-DYNAMIC_EPS = 1e-6  # eps: added to RMS, so a parameter that saw little gradient in training moves boundedly
+DYNAMIC_EPS = 1e-5  # eps: added to RMS, so a parameter that saw little gradient in training moves boundedly
 RMS_TEXT_CHARS = 100_000  # characters of training text --rms-text measures RMS on, at most
 
 
