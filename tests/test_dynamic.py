@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from charlstm import dynamic, gradient_scale
 from charlstm.checkpoint import load_checkpoint, save_checkpoint
@@ -18,6 +17,7 @@ from charlstm.config import DynamicConfig, ModelConfig, TrainConfig
 from charlstm.model import param_count, views
 
 from tests import reference
+from tests.conftest import cli_runner
 from tests.test_bad_input import one_line_error
 
 TEXT = """MIRANDA:
@@ -199,7 +199,7 @@ def model_files(tmp_path):
 
 
 def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return cli_runner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_cli_eval_dynamic_reports_both_scores_and_reads_the_checkpoint_only(model_files):
