@@ -73,6 +73,109 @@ def test_a_surge_triggers_a_probe_at_once(monkeypatch, running):
     assert governor.current == 1
 
 
+def test_a_surge_no_count_escapes_costs_one_probe(monkeypatch, running):
+    """Everything slows 10-fold (on both counts): one probe shows the other count no better, and
+    the slow units become the usual, rather than each unit finding the same surge and probing
+    again."""
+    monkeypatch.setattr(threads, "PROBE_EVERY", 3600.0)
+    governor = threads.Governor(most=2)
+    seconds_at = {1: 0.004, 2: 0.002}
+    for _ in range(40):  # past the first probe
+        governor.run(timed_work(seconds_at, running))
+    seconds_at.update({1: 0.04, 2: 0.02})
+    counts = [governor.run(timed_work(seconds_at, running)) for _ in range(200)]
+    assert governor.current == 2
+    assert counts.count(1) == threads.PROBE_UNITS
+
+
+@pytest.mark.parametrize("most, rungs", [
+    (1, [1]), (2, [1, 2]), (3, [1, 2, 3]), (16, [1, 2, 3, 4, 6, 8, 16]),
+    (64, [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 13, 16, 22, 32, 64])])
+def test_the_ladder_keeps_the_counts_that_lower_the_busiest_threads_shares(most, rungs):
+    """Of 64 shares, 9 threads work 8 each as 8 do, 12 work 6 as 11 do: only the first count of
+    each ceil(most / k) is a rung."""
+    assert threads.ladder(most) == rungs
+
+
+def sixteen_cores(base, free):
+    """Seconds a unit takes on n threads of a 16-core machine with `free` cores left by a neighbour:
+    the busiest thread's ceil(16 / n) shares, and 5 times that where threads outnumber the free
+    cores (a thread that loses its core holds the others up where they meet)."""
+    return {n: base * -(-16 // n) * (1 if n <= free else 5) for n in range(1, 17)}
+
+
+def governed(governor, seconds_at, running, units):
+    """Runs `units` units; returns [(count the unit ran on, count kept after it)], and the clock's
+    seconds spent at the count kept and at probed counts."""
+    log, seconds = [], {"kept": 0.0, "probed": 0.0}
+
+    def work():
+        ran, kept = running[0], governor.current  # before the unit: a probe may end on it
+        running.clock.now += seconds_at[ran]
+        seconds["kept" if ran == kept else "probed"] += seconds_at[ran]
+        return ran
+    for _ in range(units):
+        log.append((governor.run(work), governor.current))
+    return log, seconds
+
+
+def test_beside_a_neighbour_it_walks_to_the_fastest_rung_and_back_when_it_leaves(monkeypatch, running):
+    """16 cores, a neighbour holding 4: 16 threads collapse (5 ms a unit), 8 take 2 ms, the rungs
+    either side of 8 (6: 3 ms, 16) are slower. From 16 it settles on 8 and keeps it, only probes
+    running other counts; when the neighbour leaves (16: 1 ms), it climbs back to 16."""
+    monkeypatch.setattr(threads, "PROBE_EVERY", 0.1)
+    governor = threads.Governor(most=16)
+    seconds_at = sixteen_cores(0.001, free=12)
+    log, _ = governed(governor, seconds_at, running, 1000)
+    assert governor.current == 8
+    settled = log[500:]
+    assert {kept for _, kept in settled} == {8}
+    assert [ran for ran, _ in settled].count(8) >= 0.9 * len(settled)
+
+    seconds_at.update(sixteen_cores(0.001, free=16))  # the neighbour leaves
+    log, _ = governed(governor, seconds_at, running, 2000)
+    assert governor.current == 16
+    settled = log[1000:]
+    assert {kept for _, kept in settled} == {16}
+    assert [ran for ran, _ in settled].count(16) >= 0.9 * len(settled)
+
+
+def test_a_surge_on_the_ladder_probes_the_rung_below_at_once(monkeypatch, running):
+    """Settled on 8 beside a neighbour holding 4 cores, with the last probe gone below (the next
+    periodic one would go up), the neighbour takes 6 more: 8 threads collapse (10 ms), 6 take 3 ms,
+    16 take 5 ms. It probes 6, not 16, within a few units (not a gap later), and moves there."""
+    monkeypatch.setattr(threads, "PROBE_EVERY", 0.1)
+    governor = threads.Governor(most=16)
+    seconds_at = sixteen_cores(0.001, free=12)
+    unit, probed = governed(governor, seconds_at, running, 1000)[0][-1], None
+    for _ in range(2000):  # on to the end of a probe of 6
+        if unit == (8, 8) and probed == 6:
+            break
+        (unit,), _ = governed(governor, seconds_at, running, 1)
+        probed = unit[0] if unit[0] != unit[1] else probed
+    else:
+        pytest.fail("not settled on 8 after a probe of 6")
+    seconds_at.update(sixteen_cores(0.001, free=6))  # the neighbour grows
+    log, _ = governed(governor, seconds_at, running, threads.SURGE_UNITS + threads.PROBE_UNITS)
+    assert {ran for ran, _ in log} == {8, 6}
+    assert governor.current == 6
+
+
+def test_probing_takes_at_most_its_share_of_the_time(monkeypatch, running):
+    """Alone on 16 cores, a long steady run at 16 threads: the probes of 8 (each unit twice as
+    slow) take at most PROBE_SHARE of the clock's time, beside the first probe (it comes as soon
+    as there is a usual to compare with)."""
+    monkeypatch.setattr(threads, "PROBE_EVERY", 0.1)
+    governor = threads.Governor(most=16)
+    seconds_at = sixteen_cores(0.001, free=16)
+    log, seconds = governed(governor, seconds_at, running, 20000)
+    assert {kept for _, kept in log} == {16}
+    first_probe = threads.PROBE_UNITS * seconds_at[8]
+    total = seconds["kept"] + seconds["probed"]
+    assert seconds["probed"] > 10 * first_probe  # it did keep probing
+    assert seconds["probed"] <= threads.PROBE_SHARE * total + first_probe
+
+
 @needs_two
 def test_use_sets_the_team_and_leaves_blas_on_one():
     threads.use(1)

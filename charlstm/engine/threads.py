@@ -21,10 +21,14 @@ other up: on 2 cores, per-step barriers once fell to a quarter of idle speed, wh
 which needs no partner, kept about 60% (bench at H=256, Intel Xeon 2.8 GHz: B=1 13.1k -> 3.2k
 chars/s on two threads, 7.9k on one; B=32 45.5k -> 13.9k, 20.6k on one).
 
-So each thread must earn its place by measurement: `Governor` times the work at its current count
-and, every PROBE_EVERY seconds (longer where probing would take more than PROBE_SHARE of the time)
-or at once when the last few units took twice the usual (another process started), times
-PROBE_UNITS units at the other count and keeps the faster.
+So each thread must earn its place by measurement. Work is cut into `most` shares, so with k
+threads the busiest works ceil(most/k) of them, and only the counts that lower that number can be
+faster: `ladder` (1, 2, 3, 4, 6, 8, 16 of 16). `Governor` starts at the top rung and times the work
+at its current count; every PROBE_EVERY seconds (longer where probing would take more than
+PROBE_SHARE of the time) it times PROBE_UNITS units at a neighbouring rung, below and above by
+turns, and moves there if they ran faster; when the last few units took twice the usual (another
+process started) it tries the rung below at once. So beside a process that takes some cores it
+walks down rung by rung to the fastest count, and back up when the process leaves.
 """
 import math
 import queue
@@ -39,13 +43,13 @@ import numpy as np
 from charlstm.engine import barrier
 from charlstm.engine.barrier import ABORT, SYNC_SIZE
 
-PROBE_EVERY = 2.0  # seconds between probes of the other thread count (the first comes sooner),
+PROBE_EVERY = 2.0  # seconds between probes of a neighbouring thread count (the first comes sooner),
 PROBE_SHARE = 0.05  # or more: at most this share of the time goes to probing (a slower count)
-PROBE_UNITS = 8  # units run at the other count per probe; the first is not counted (waking threads)
+PROBE_UNITS = 8  # units run at the probed count per probe; the first is not counted (waking threads)
 WARMUP = 5  # units not timed at the start (compiling, caches filling)
 SURGE = 2.0  # the last SURGE_UNITS units taking this many times the usual mean trigger a probe at once
 SURGE_UNITS = 4
-MARGIN = 0.9  # the other count's mean must be this much lower to take over
+MARGIN = 0.9  # the probed count's mean must be this much lower to take over
 # Spins (barrier.wait_for: ~13 us of `pause`, then sched_yield each) a helper waits for its next job
 # before it sleeps: a step's team calls come well within this, so a helper sleeps between steps
 # only when it is not used (one thread running) or the caller is busy elsewhere.
@@ -154,35 +158,48 @@ class Team:
 team = Team(numba.config.NUMBA_NUM_THREADS)
 
 
+def ladder(most):
+    """The thread counts worth running when work is cut into `most` shares, smallest first.
+
+    With k threads the busiest works ceil(most / k) shares, and the others wait for it where they
+    meet; so a count that does not lower that number is no faster than the smallest count giving
+    it, only one more thread to wait for (of 16 shares, 7 threads work 3 each, as 6 do; 9 to 15
+    work 2, as 8 do). So the ladder keeps k where ceil(most / k) < ceil(most / (k - 1)), and
+    k = 1: most = 16 gives [1, 2, 3, 4, 6, 8, 16]."""
+    return [k for k in range(1, most + 1) if k == 1 or -(-most // k) < -(-most // (k - 1))]
+
+
 class Governor:
-    """Runs units of work (callables) on 1 or `most` threads, whichever measures faster."""
+    """Runs units of work (callables) on the rung of `ladder(most)` that measures fastest, found by
+    walking: from the top, it times a few units at a neighbouring rung now and then, and moves
+    there when they ran faster."""
 
     def __init__(self, most=None):
         self.most = most or team.size
+        self.rungs = ladder(self.most)
         self.current = self.most
         self.recent = deque(maxlen=16)  # seconds per unit at the current count
         self.units = 0
         self.decided = -math.inf  # time.perf_counter() of the last probe's decision
         self.gap = PROBE_EVERY  # seconds from a decision to the next probe
-        self.probing = []  # seconds per unit at the other count, while a probe runs
+        self.trial = None  # the count a probe runs, while one runs
+        self.probing = []  # seconds per unit at the trial count, while a probe runs
+        self.upward = False  # where both neighbours exist, whether the next periodic probe goes up
         use(self.current)
-
-    @property
-    def other(self):
-        return 1 if self.current == self.most else self.most
 
     def run(self, work):
         """Call work() on the count the measurements favour; returns what it returns."""
         if self.most == 1:
             return work()
-        probing = bool(self.probing) or self._probe_due()
-        if probing and not self.probing:
-            use(self.other)
+        if self.trial is None:
+            self.trial = self._trial_due()
+            if self.trial is not None:
+                use(self.trial)
         start = time.perf_counter()
         result = work()
         seconds = time.perf_counter() - start
         self.units += 1
-        if probing:
+        if self.trial is not None:
             self.probing.append(seconds)
             if len(self.probing) == PROBE_UNITS:
                 self._decide(self.probing[1:])
@@ -190,23 +207,43 @@ class Governor:
             self.recent.append(seconds)
         return result
 
-    def _probe_due(self):
+    def _trial_due(self):
+        """The count to probe now, or None. After a surge (another process started), the rung
+        below; else, once the gap has passed, a neighbour: below and above by turns (see _decide),
+        whichever exists at the ends of the ladder (so with most = 2, always the other count)."""
         if len(self.recent) < 2 * SURGE_UNITS:
-            return False
+            return None
+        surge = self._surged()
+        if not surge and time.perf_counter() - self.decided < self.gap:
+            return None
+        rung = self.rungs.index(self.current)
+        below = self.rungs[rung - 1] if rung > 0 else None
+        above = self.rungs[rung + 1] if rung + 1 < len(self.rungs) else None
+        if below is None or above is None:
+            return below or above
+        return above if self.upward and not surge else below
+
+    def _surged(self):
+        """Whether the last SURGE_UNITS units took SURGE times the usual (another process started)."""
         recent = list(self.recent)
-        surge = statistics.mean(recent[-SURGE_UNITS:]) > SURGE * statistics.mean(recent[:-SURGE_UNITS])
-        return surge or time.perf_counter() - self.decided >= self.gap
+        return statistics.mean(recent[-SURGE_UNITS:]) > SURGE * statistics.mean(recent[:-SURGE_UNITS])
 
     def _decide(self, probe):
-        """Keep the other count if its probe beat the current count's recent mean. Means, not
+        """Move to the trial count if its probe beat the current count's recent mean. Means, not
         medians: a thread that loses its core stalls a step now and then for a whole time slice
-        (5 ms steps with a 220 ms one among them), and those stalls are the collapse."""
+        (5 ms steps with a 220 ms one among them), and those stalls are the collapse. The next
+        probe goes the other way after one that stayed, the same way after one that moved (a walk
+        down or up takes one probe a rung)."""
         recent = list(self.recent)
         usual = max(statistics.mean(recent), statistics.mean(recent[-SURGE_UNITS:]))  # after a surge: the surge
-        if statistics.mean(probe) < MARGIN * usual:
-            self.current = self.other
+        moved = statistics.mean(probe) < MARGIN * usual
+        self.upward = (self.trial > self.current) == moved
+        if moved:
+            self.current = self.trial
             self.recent = deque(probe, maxlen=self.recent.maxlen)
+        elif self._surged():  # no neighbour escapes it: time this count afresh (the units before
+            self.recent.clear()  # say nothing of now, and kept, they would set off a probe every unit)
         self.gap = max(PROBE_EVERY, sum(self.probing) / PROBE_SHARE)
-        self.probing = []
+        self.trial, self.probing = None, []
         self.decided = time.perf_counter()
         use(self.current)
