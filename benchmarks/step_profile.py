@@ -8,8 +8,8 @@ traffic, only fmas) and big sgemm through SciPy's BLAS on one thread and on all.
 For each shape H x B x T x L (dropout 0.3, as the defaults train), at the given thread count:
   - one full training step (forward, loss, backward, clip, update), as `charlstm bench` runs it,
     and its parts, timed by wrapping every kernel call the step makes:
-      recurrent   the per-step loops (recurrent.py, or stream_kernels.py at B = 1, which also packs
-                  its share of Wh), gates included
+      recurrent   the per-step loops (recurrent.py's grid, whose cells also pack their
+                  slices of Wh), gates included
       batched     the window's products: input terms, logits, weight gradients, dH below, on the
                   packed micro-kernel (packed.py) or BLAS
       packing     packing weights and operands into panels, transposes
@@ -30,8 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CATEGORY = {"forward_streams": "recurrent", "backward_streams": "recurrent", "forward_one": "recurrent",
-            "backward_one": "recurrent",
+CATEGORY = {"forward_grid": "recurrent", "backward_grid": "recurrent",
             "gate_projection": "batched", "rows_times_panels": "batched", "project_input": "batched",
             "weight_grad": "batched", "matmul": "batched",
             "pack_forward": "packing", "pack_columns": "packing", "transpose_rows": "packing",

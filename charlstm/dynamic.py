@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charlstm.engine import network, stream_kernels
+from charlstm.engine import network, recurrent
 from charlstm.engine.jit import is_cached, kernel
 from charlstm.engine.threads import Governor, team, use
 from charlstm.errors import UserError
@@ -216,4 +216,4 @@ def report_dynamic(static, dynamic, path, settings, source, as_json=False, skipp
 
 def kernels_cached():
     """Whether the kernels of a dynamic pass are in Numba's disk cache (so no compile is coming)."""
-    return is_cached(stream_kernels.forward_one, stream_kernels.backward_one, descend)
+    return is_cached(recurrent.forward_grid, recurrent.backward_grid, descend)

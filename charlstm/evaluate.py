@@ -5,7 +5,7 @@ The stream advances layer by layer over windows of WINDOW positions, carrying h 
 window to the next: layer 0's input is a row lookup, the input products of the layers above and
 the output layer (logits, log-softmax, the targets' log-probabilities) are one matrix product per
 window, and only the recurrent product runs step by step, its units split across the team
-(stream_kernels.forward_one).
+(recurrent.forward_grid, with one stream group).
 
 The file is read twice in chunks, never whole: pass 1 counts its characters and finds any outside
 the vocabulary (so that an error comes before the work, and the progress bar knows its total);
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from charlstm.engine import kernels, packed, stream_kernels
+from charlstm.engine import grid, kernels, packed, recurrent, stream_kernels
 from charlstm.engine.jit import is_cached
 from charlstm.data import CHUNK_BYTES, MAX_CODE_POINT, _code_points, _decoder, _open
 from charlstm.errors import UserError
@@ -62,7 +62,8 @@ class Scorer:
         self.h, self.c = np.zeros((L, window + 1, H), dtype), np.zeros((L, window + 1, H), dtype)
         self.A, self.tc = np.zeros((window, G), dtype), np.zeros((window, H), dtype)
         forward_shape, _, row = packed.packed_shapes(H, dtype)
-        self.Wf, self.z = np.zeros(forward_shape, dtype), np.zeros(row, dtype)  # a layer's Wh packed; products
+        self.Wf, self.z = np.zeros(forward_shape, dtype), np.zeros((1, row), dtype)  # a layer's Wh packed; products
+        self.unit_groups = grid.choose(1, config.hidden, dtype, team.most).unit_groups  # one stream group
         self.P = np.zeros((window, V), dtype)
         self.prev = None  # the last id fed: the input that predicts the next one
         self.total, self.count = 0.0, 0  # nats summed in float64, predictions made
@@ -87,14 +88,16 @@ class Scorer:
         """x, y (T,): inputs and the targets they predict."""
         T, w, cfg = len(x), self.w, self.config
         A, h, c = self.A[:T], self.h[:, :T + 1], self.c[:, :T + 1]
-        kernels.gather_input(self.WxT0, w["l0.b"], x.reshape(T, 1), A.reshape(T, 1, -1))
+        A3 = A.reshape(T, 1, -1)  # (T, B = 1, G), as the recurrent kernels take it
+        kernels.gather_input(self.WxT0, w["l0.b"], x.reshape(T, 1), A3)
         for l in range(cfg.layers):
             if l > 0:
                 kernels.project_input(h[l - 1, 1:], w[f"l{l}.Wx"], w[f"l{l}.b"], A)
             peep = w.get(f"l{l}.p", self.no_peep)
             Wh, hl, cl, tc = w[f"l{l}.Wh"], h[l], c[l], self.tc[:T]
-            team.together(lambda rank, threads, sync: stream_kernels.forward_one(
-                A, Wh, self.Wf, peep, hl, cl, tc, self.z, rank, threads, team.most, sync))
+            team.together(lambda rank, threads, sync: recurrent.forward_grid(
+                A3, Wh, self.Wf, peep, hl.reshape(T + 1, 1, -1), cl.reshape(T + 1, 1, -1), tc.reshape(T, 1, -1),
+                self.z, rank, threads, 1, self.unit_groups, sync), self.unit_groups)
         self.total += stream_kernels.nll_sum(h[-1, 1:], w["out.W"], w["out.b"], y, self.P[:T])
         self.count += T
         h[:, 0], c[:, 0] = h[:, T], c[:, T]  # carried into the next window
@@ -210,4 +213,4 @@ def report(score, path, as_json=False, skipping=False):
 
 def kernels_cached(config):
     """Whether the scoring kernels are in Numba's disk cache (so no compile is coming)."""
-    return is_cached(stream_kernels.forward_one, stream_kernels.nll_sum)
+    return is_cached(recurrent.forward_grid, stream_kernels.nll_sum)

@@ -31,10 +31,32 @@ import numpy as np
 
 from charlstm.config import OPTIMIZER_STATE
 from charlstm.engine.jit import kernel, like
+from charlstm.engine.threads import team
+
+# Entries per share of the loops over the flat buffers below. A fixed cut, not one per thread: the
+# team's threads split the clip and the update (serial, they were the largest serial part of a
+# step on many cores), and the sum of squares adds the same parts in the same order on any machine.
+CHUNK = 1 << 16
+
+
+def _by_chunks(n, work):
+    """work(lo, hi, slot) for entries lo..hi-1 of chunk `slot`, every chunk of 0..n-1, on the team."""
+    team.run(work, [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)])
+
+
+def sum_of_squares(g):
+    """sum(g*g) in float64: the squared global norm, and non-finite iff some entry is NaN or inf.
+    Summed by chunks, and the chunks' sums in order."""
+    parts = [0.0] * -(-g.shape[0] // CHUNK)
+
+    def part(lo, hi, slot):
+        parts[slot] = _sum_of_squares(g[lo:hi])
+    _by_chunks(g.shape[0], part)
+    return sum(parts)
+
 
 @kernel
-def sum_of_squares(g):
-    """sum(g*g) in float64: the squared global norm, and non-finite iff some entry is NaN or inf."""
+def _sum_of_squares(g):
     total = 0.0
     for j in range(g.shape[0]):
         total += np.float64(g[j]) * np.float64(g[j])
@@ -94,28 +116,55 @@ def new_state(name, params):
 
 def update(params, grads, state, t, lr, cfg):
     """One step of optimizer cfg.optim on params, in place: `state` is its new_state dict, `t` the
-    1-based number of this step (Adam's bias correction), `lr` the rate in force (schedule.lr_at)."""
+    1-based number of this step (Adam's bias correction), `lr` the rate in force (schedule.lr_at).
+    Elementwise, so cut into chunks across the team it gives the same bytes."""
+    _by_chunks(params.shape[0], _updater(params, grads, state, t, lr, cfg))
+
+
+def clip_and_update(params, grads, state, t, lr, cfg, sumsq):
+    """clip_gradients, then update, chunk by chunk in one team call (a training step's end)."""
+    clip, step = _clipper(grads, cfg.clip, cfg.clip_mode, sumsq), _updater(params, grads, state, t, lr, cfg)
+
+    def chunk(lo, hi, slot):
+        if clip is not None:
+            clip(lo, hi)
+        step(lo, hi, slot)
+    _by_chunks(params.shape[0], chunk)
+
+
+def _updater(params, grads, state, t, lr, cfg):
+    """The update of entries lo..hi-1, as work for _by_chunks."""
     if cfg.optim == "adagrad":
-        adagrad_update(params, grads, state["adagrad"], lr, cfg.adagrad_eps)
-    elif cfg.optim == "rmsprop":
-        rmsprop_update(params, grads, state["rmsprop"], lr, cfg.rmsprop_alpha, cfg.rmsprop_eps)
-    elif cfg.optim == "adam":
+        mem = state["adagrad"]
+        return lambda lo, hi, slot: adagrad_update(params[lo:hi], grads[lo:hi], mem[lo:hi], lr, cfg.adagrad_eps)
+    if cfg.optim == "rmsprop":
+        ms = state["rmsprop"]
+        return lambda lo, hi, slot: rmsprop_update(params[lo:hi], grads[lo:hi], ms[lo:hi], lr, cfg.rmsprop_alpha,
+                                                   cfg.rmsprop_eps)
+    if cfg.optim == "adam":
         # Bias corrections in float64 here, not in the float32 loop: 1 - 0.999^t needs the digits.
         bc1, bc2 = 1.0 - cfg.adam_beta1 ** t, 1.0 - cfg.adam_beta2 ** t
-        adam_update(params, grads, state["adam_m"], state["adam_v"], lr / bc1, cfg.adam_beta1, cfg.adam_beta2,
-                    math.sqrt(bc2), cfg.adam_eps)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optim!r}")  # config and checkpoint checks rule this out
+        m, v = state["adam_m"], state["adam_v"]
+        return lambda lo, hi, slot: adam_update(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], lr / bc1,
+                                                cfg.adam_beta1, cfg.adam_beta2, math.sqrt(bc2), cfg.adam_eps)
+    raise ValueError(f"unknown optimizer {cfg.optim!r}")  # config and checkpoint checks rule this out
 
 
 def clip_gradients(grads, clip, mode, sumsq):
     """Clip `grads` in place (mode 'value' or 'norm'; clip 0 turns clipping off). `sumsq` is
     sum_of_squares(grads), computed once by the caller for its NaN check too."""
+    work = _clipper(grads, clip, mode, sumsq)
+    if work is not None:
+        _by_chunks(grads.shape[0], lambda lo, hi, slot: work(lo, hi))
+
+
+def _clipper(grads, clip, mode, sumsq):
+    """The clipping of entries lo..hi-1 (work(lo, hi)), or None where nothing is clipped."""
     if clip <= 0:
-        return
+        return None
     if mode == "value":
-        clip_values(grads, clip)
-    else:
-        norm = math.sqrt(sumsq)
-        if norm > clip:
-            scale(grads, clip / norm)
+        return lambda lo, hi: clip_values(grads[lo:hi], clip)
+    norm = math.sqrt(sumsq)
+    if norm > clip:
+        return lambda lo, hi: scale(grads[lo:hi], clip / norm)
+    return None

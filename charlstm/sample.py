@@ -54,7 +54,7 @@ class Stream:
     def _run(self, feed, uniforms, inv_temp, top_k, greedy, out):
         team.together(lambda rank, threads, sync: stream_kernels.run_stream(
             self.net, feed, self.state, self.c, uniforms, inv_temp, top_k, greedy, self.work, out,
-            rank, threads, team.most, sync))
+            rank, threads, team.most, sync[0]))
 
     def feed(self, ids):
         """Advance the state through the ids (a prime)."""

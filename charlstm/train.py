@@ -21,7 +21,7 @@ from charlstm.data import Batcher, file_sha256, load_corpus, split
 from charlstm.engine.dropout import fill_masks, fill_weight_masks
 from charlstm.errors import UserError
 from charlstm.model import init_params, param_count
-from charlstm.optim import clip_gradients, new_state, sum_of_squares, update
+from charlstm.optim import clip_and_update, new_state, sum_of_squares
 from charlstm.runs import RunFolder, check_out, new_run_name
 from charlstm.sample import Stream, generate
 from charlstm.schedule import dropout_at, lr_at
@@ -80,8 +80,7 @@ def train_step(params, grads, optim_state, ws, x, y, h, c, cfg, t, lr, reduce=No
     sumsq = sum_of_squares(grads)
     if not (math.isfinite(loss) and math.isfinite(sumsq)):
         raise NonFiniteLoss(f"the loss or gradients became {'NaN' if math.isnan(loss + sumsq) else 'infinite'}")
-    clip_gradients(grads, cfg.clip, cfg.clip_mode, sumsq)
-    update(params, grads, optim_state, t, lr, cfg)
+    clip_and_update(params, grads, optim_state, t, lr, cfg, sumsq)
     h[:] = ws.h[:, -1]
     c[:] = ws.c[:, -1]
     return loss
@@ -327,12 +326,10 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, qui
 def kernels_cached(ws):
     """Whether the kernels training with workspace ws runs are in Numba's disk cache (so no
     compile is coming)."""
-    from charlstm.engine import recurrent, stream_kernels
+    from charlstm.engine import recurrent
     from charlstm.engine.jit import is_cached
 
-    if ws.B == 1:
-        return is_cached(stream_kernels.forward_one, stream_kernels.backward_one)
-    return is_cached(recurrent.forward_streams, recurrent.backward_streams)
+    return is_cached(recurrent.forward_grid, recurrent.backward_grid)
 
 
 def summary(trainer, total_steps, deadline_s):

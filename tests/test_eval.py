@@ -169,7 +169,7 @@ def test_the_score_does_not_depend_on_the_thread_count(team_of):
 
 
 def test_a_second_run_compiles_nothing_new():
-    from charlstm.engine import kernels, stream_kernels
+    from charlstm.engine import kernels, recurrent, stream_kernels
 
     def score(layers, peepholes, dtype, seed):
         scorer = evaluate.Scorer(*make_model(layers, peepholes, dtype, seed), window=8)
@@ -177,10 +177,10 @@ def test_a_second_run_compiles_nothing_new():
 
     for dtype in ("float32", "float64"):
         score(2, True, dtype, 0)
-    used = [stream_kernels.forward_one, stream_kernels.nll_sum, kernels.gather_input, kernels.project_input]
+    used = [recurrent.forward_grid, stream_kernels.nll_sum, kernels.gather_input, kernels.project_input]
     counts = [len(k.signatures) for k in used]
     for dtype in ("float32", "float64"):
         score(1, False, dtype, 1)
         score(3, True, dtype, 2)
     assert counts == [len(k.signatures) for k in used]
-    assert counts[0] == 2  # forward_one: one float32 and one float64 specialization
+    assert counts[0] == 2  # forward_grid: one float32 and one float64 specialization

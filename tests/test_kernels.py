@@ -169,9 +169,9 @@ def test_packings_hold_wh():
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("layers,peepholes,H", [(1, False, 100), (2, True, 37), (3, False, 64), (2, True, 3)])
 def test_one_stream_split_across_threads_matches_reference(team_of, layers, peepholes, H, dtype, tol):
-    """B = 1 splits each step's units into shares (stream_kernels.py) whose threads meet once a
-    step. Cut into 2 or 3 shares (some empty when H is small), run on 1, 2 or 3 threads, with
-    dropout: the reference's numbers, and the very same bits whatever the count."""
+    """B = 1 splits each step's units into unit groups (the grid with one stream group, grid.py)
+    whose threads meet once a step. Cut for 2 or 3 cores (fewer groups when H is small), run on 1,
+    2 or 3 threads, with dropout: the reference's numbers, and the very same bits whatever the count."""
     case = random_case(layers, peepholes, 1, 5, dtype, hidden=H)
     masks = random_masks(case[0], 1, 5, p=0.3, seed=2)
     team_of(2, 1)
@@ -246,8 +246,8 @@ def test_second_call_compiles_nothing_new():
         for B in (1, 3):
             run_network(*random_case(2, True, B, 4, dtype, seed=1))
     assert counts == _signature_counts()
-    assert counts["recurrent.forward_streams"] == 2  # one float32 and one float64 specialization, nothing else
-    assert counts["stream_kernels.forward_one"] == 2
+    assert counts["recurrent.forward_grid"] == 2  # one float32 and one float64 specialization, nothing else
+    assert counts["recurrent.backward_grid"] == 2
 
 
 def _signature_counts():

@@ -142,3 +142,43 @@ def test_update_matches_pytorchs_formulas(optim, dtype, rtol):
     for key in state:
         np.testing.assert_allclose(state[key], ref_state[key], rtol=rtol * 10, atol=0)
     assert not np.allclose(w, w0, rtol=1e-3)  # it moved
+
+
+# ------------------------------------------------------------------ the loops cut into chunks on the team
+
+@pytest.mark.parametrize("optim", ["adagrad", "rmsprop", "adam"])
+@pytest.mark.parametrize("mode", ["value", "norm"])
+def test_chunks_on_the_team_give_the_bytes_of_one_loop(monkeypatch, team_of, optim, mode):
+    """clip_and_update cut into many chunks, on 1 thread and on 3, writes the very bytes the
+    whole-buffer kernels write in one call each; the chunked sum of squares is NumPy's float64 sum."""
+    from charlstm import optim as optim_module
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    params, grads = rng.standard_normal(n).astype(np.float32), (rng.standard_normal(n) * 4).astype(np.float32)
+    cfg = TrainConfig(optim=optim, clip=5.0 if mode == "value" else 20.0, clip_mode=mode)
+    want_params, want_grads, want_state = params.copy(), grads.copy(), new_state(optim, params)
+    monkeypatch.setattr(optim_module, "CHUNK", 64)  # 16 chunks
+    sumsq = sum_of_squares(grads)
+    assert sumsq == pytest.approx(float(np.sum(grads.astype(np.float64) ** 2)), rel=1e-12)
+    g = want_grads  # the whole buffer at once, by the kernels themselves
+    if mode == "value":
+        optim_module.clip_values(g, cfg.clip)
+    else:
+        assert math.sqrt(sumsq) > cfg.clip
+        optim_module.scale(g, cfg.clip / math.sqrt(sumsq))
+    kernel = {"adagrad": lambda: adagrad_update(want_params, g, want_state["adagrad"], 0.01, cfg.adagrad_eps),
+              "rmsprop": lambda: rmsprop_update(want_params, g, want_state["rmsprop"], 0.01, cfg.rmsprop_alpha,
+                                                cfg.rmsprop_eps),
+              "adam": lambda: optim_module.adam_update(want_params, g, want_state["adam_m"], want_state["adam_v"],
+                                                       0.01 / (1 - cfg.adam_beta1), cfg.adam_beta1, cfg.adam_beta2,
+                                                       math.sqrt(1 - cfg.adam_beta2), cfg.adam_eps)}
+    kernel[optim]()
+    for threads in (1, 3):
+        team_of(3, threads)
+        p, gr, state = params.copy(), grads.copy(), new_state(optim, params)
+        assert sum_of_squares(gr) == sumsq  # the chunks' sums added in one order on any count
+        optim_module.clip_and_update(p, gr, state, 1, 0.01, cfg, sumsq)
+        assert np.array_equal(p, want_params) and np.array_equal(gr, want_grads)
+        for key in state:
+            assert np.array_equal(state[key], want_state[key])

@@ -236,7 +236,7 @@ def test_team_runs_every_share_once_and_passes_errors_on(size):
         done = []
         team.run(lambda lo, hi, slot: done.append((lo, hi, slot, th.current_thread().name)), team.shares(9, 1))
         assert sorted(d[:3] for d in done) == [(0, 3, 0), (3, 6, 1), (6, 9, 2)]
-        assert len({d[3] for d in done}) == size  # every thread took part
+        assert len({d[3] for d in done}) <= size  # shares go to whichever thread is free first
 
     def fails_in_the_last(lo, hi, slot):
         if slot == 2:
@@ -247,3 +247,20 @@ def test_team_runs_every_share_once_and_passes_errors_on(size):
     done = []
     team.run(lambda lo, hi, slot: done.append(slot), team.shares(9, 1))
     assert sorted(done) == [0, 1, 2]
+
+
+def test_a_helper_that_never_comes_holds_no_run_call_up():
+    """Team.run ends when every share is done, not every helper: with the posts to the helpers
+    lost (a helper that has not started yet), the caller works every share itself and returns."""
+    import threading as th
+
+    team = threads.Team(3)
+    team.size = 3
+    team._post = lambda job, count: None  # the helpers never hear of the call
+    done, finished = [], th.Event()
+
+    def call():
+        team.run(lambda lo, hi, slot: done.append(slot), team.shares(9, 1))
+        finished.set()
+    th.Thread(target=call, daemon=True).start()
+    assert finished.wait(10) and sorted(done) == [0, 1, 2]

@@ -237,10 +237,10 @@ def test_stop_handlers_only_for_signals_the_os_delivers(monkeypatch, platform, d
 
 
 def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
-    """B = 1 trains with the one-stream kernels, B > 1 with the batch ones: "compiling kernels"
+    """B = 1 and B > 1 both train with the grid's kernels (engine/grid.py): "compiling kernels"
     must be decided on the ones this run calls."""
     from charlstm import train
-    from charlstm.engine import jit, recurrent, stream_kernels
+    from charlstm.engine import jit, recurrent
     from charlstm.config import ModelConfig
 
     asked = []
@@ -248,6 +248,5 @@ def test_compile_notice_looks_at_the_kernels_the_run_will_use(monkeypatch):
     config = ModelConfig("abc", hidden=4, layers=1)
     train.kernels_cached(network.Workspace(config, 1, 5))
     train.kernels_cached(network.Workspace(config, 3, 5))
-    assert asked == [(stream_kernels.forward_one, stream_kernels.backward_one),
-                     (recurrent.forward_streams, recurrent.backward_streams)]
+    assert asked == [(recurrent.forward_grid, recurrent.backward_grid)] * 2
 

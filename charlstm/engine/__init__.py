@@ -4,10 +4,10 @@ The tool around it (cli, train, sample, evaluate, checkpoint, data, ...) calls t
 here imports the tool. Top-down:
 
     network.py         one window through all layers: the output layer, the loss, every gradient
-    recurrent.py       one layer's time loop over many streams, and the gate math (one cell for
-                       every path)
-    stream_kernels.py  the one-stream path (B = 1, eval, sampling): each thread owns a share of the
-                       hidden units and meets the others once a step
+    recurrent.py       one layer's time loop, cut into the grid's cells, and the gate math (one
+                       cell for every path)
+    grid.py            how the time loop is cut: stream groups x unit groups, chosen by a cost model
+    stream_kernels.py  sampling (one stream, every layer a char at a time), the output layer, the draw
     packed.py          Wh packed for the micro-kernels, and the micro-kernels themselves
     kernels.py         the batched products and the softmax/loss around the time loop
     dropout.py         dropout masks from counter-based random numbers (the same on any thread count)

@@ -12,7 +12,7 @@ state, and never allocate inside the time loop: workspaces are allocated once by
 
 These are the batched kernels, over all N positions of a window at once: products go to BLAS
 through np.dot (SciPy's BLAS, called from inside Numba). The per-step recurrent loops are
-recurrent.py's (B > 1) and stream_kernels.py's (B = 1, eval and sampling), both on our
+recurrent.py's (the grid of grid.py, any B) and stream_kernels.py's (sampling), both on our
 micro-kernel over Wh packed by packed.py, on the threads of threads.Team. How kernels are compiled, and
 the dtype-typed tanh/sigmoid/like they use, is in jit.py.
 """
@@ -64,7 +64,7 @@ def project_input(X, Wx, b, A):
 
 
 # ---------------------------------------------------------------- around the recurrent loops
-# A layer's time loop itself is recurrent.py's (B > 1) or stream_kernels.py's (B = 1).
+# A layer's time loop itself is recurrent.py's.
 
 @kernel
 def peephole_grad(dA, c, dpeep):

@@ -6,7 +6,7 @@ step), with every array preallocated in a Workspace for one (config, B, T).
 import numpy as np
 
 from charlstm.engine import blas  # noqa: F401  (from its import on, BLAS runs on one thread: see blas.py)
-from charlstm.engine import kernels, packed, recurrent, stream_kernels
+from charlstm.engine import grid, kernels, packed, recurrent
 from charlstm.engine.layout import views
 from charlstm.engine.threads import team
 
@@ -40,7 +40,8 @@ class Workspace:
         self.no_peep = zeros(0)
         forward_shape, backward_shape, row = packed.packed_shapes(H, config.dtype)
         self.Wf, self.Wb = zeros(*forward_shape), zeros(*backward_shape)  # the layer's Wh, packed (packed.py)
-        self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py, stream_kernels.py)
+        self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py)
+        self.grid = grid.choose(B, H, config.dtype, team.most)  # how the recurrent loops are cut (grid.py)
         # A weight gradient dZ^T X is cut by positions across the team (_weight_grad): the shares
         # after the first sum into these, one each, and are added in order.
         self.partial, self.partial_out = zeros(team.most - 1, G, H), zeros(team.most - 1, V, H)
@@ -104,16 +105,10 @@ def forward(params, ws, x, h0, c0):
         if ws.Wd is not None:  # weight drop: one mask for the whole window, before Wh is packed
             np.multiply(w[f"l{l}.Wh"], ws.weight_masks[l], out=ws.Wd[l])
         Wh, peep = ws.recurrent(l, w[f"l{l}.Wh"]), _peep(w, l, ws)
-        if ws.B == 1:  # one stream: the team splits each step's units and meets once a step
-            H = cfg.hidden
-            A, h, c, tc = ws.gates[l].reshape(-1, G), ws.h[l].reshape(-1, H), ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H)
-            team.together(lambda rank, threads, sync: stream_kernels.forward_one(
-                A, Wh, ws.Wf, peep, h, c, tc, ws.scratch[0], rank, threads, team.most, sync))
-        else:
-            team.run(lambda lo, hi, slot: packed.pack_forward(Wh, ws.Wf, lo, hi), team.shares(ws.Wf.shape[0], 1))
-            team.run(lambda lo, hi, slot: recurrent.forward_streams(ws.gates[l], ws.Wf, peep, ws.h[l], ws.c[l], ws.tc[l],
-                                                                    lo, hi, ws.scratch),
-                     team.shares(ws.B, packed.ROWS))
+        cut = ws.grid  # the recurrent grid's cells, each packing a part of Wh first (grid.py)
+        team.together(lambda rank, threads, sync: recurrent.forward_grid(
+            ws.gates[l], Wh, ws.Wf, peep, ws.h[l], ws.c[l], ws.tc[l], ws.scratch, rank, threads, cut.groups,
+            cut.unit_groups, sync), cut.cells)
 
 
 # Positions per share of a batched product, at least: below this BLAS's call costs more than half.
@@ -132,11 +127,6 @@ def _by_columns(n, work):
     """work(lo, hi) for the team's shares of columns 0..n-1: sums over every row, cut by the
     columns they write, so each column's sum runs in one order whatever the cut."""
     team.run(lambda lo, hi, slot: work(lo, hi), team.shares(n, SHARE_COLUMNS))
-
-
-def _pack_columns(M, P):
-    """packed.pack_columns on the team, each thread packing whole panels."""
-    team.run(lambda lo, hi, slot: packed.pack_columns(M, P, lo, hi), team.shares(P.shape[0], 1))
 
 
 def _weight_grad(dZ, X, dW, partial, before=None):
@@ -195,16 +185,10 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
         ws.dh[:] = 0
         ws.dc[:] = 0
         Wh, peep = ws.recurrent(l, w[f"l{l}.Wh"]), _peep(w, l, ws)
-        if ws.B == 1:
-            gates, c, tc = ws.gates[l].reshape(-1, G), ws.c[l].reshape(-1, H), ws.tc[l].reshape(-1, H)
-            team.together(lambda rank, threads, sync: stream_kernels.backward_one(
-                gates, c, tc, peep, Wh, ws.Wb, dH2, dA2, ws.dh[0], ws.dc[0], ws.scratch[0], rank, threads, team.most,
-                sync))
-        else:
-            _pack_columns(Wh, ws.Wb)
-            team.run(lambda lo, hi, slot: recurrent.backward_streams(ws.gates[l], ws.c[l], ws.tc[l], peep, ws.Wb, ws.dH,
-                                                                     ws.dA, ws.dh, ws.dc, lo, hi, ws.scratch),
-                     team.shares(ws.B, packed.ROWS))
+        cut = ws.grid
+        team.together(lambda rank, threads, sync: recurrent.backward_grid(
+            ws.gates[l], ws.c[l], ws.tc[l], peep, Wh, ws.Wb, ws.dH, ws.dA, ws.dh, ws.dc, ws.scratch, rank, threads,
+            cut.groups, cut.unit_groups, sync), cut.cells)
         _weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"], ws.partial)
         if ws.Wd is not None:  # forward used Wd = Wh * mask, so dloss/dWh = dloss/dWd * mask
             g[f"l{l}.Wh"] *= ws.weight_masks[l]
@@ -220,14 +204,14 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
         if l == 0:
             kernels.transpose_into(ws.dWxT0, g["l0.Wx"])
         else:
-            _weight_grad(dA2, ws.output_up(l - 1), g[f"l{l}.Wx"], ws.partial)
-            # the layer below's dloss/dh, from its output's use here: dH = dA @ Wx, then its dropout
+            # The layer below's dloss/dh, from its output's use here: dH = dA @ Wx, then its dropout;
+            # cut by positions as Wx's gradient is, so both run in one team call.
             Wx = w[f"l{l}.Wx"]
 
             def passed_down(lo, hi):
                 kernels.matmul(dA2[lo:hi], Wx, dH2[lo:hi])
                 ws.drop_grad(l - 1, dH2, lo, hi)
-            _by_rows(N, passed_down)
+            _weight_grad(dA2, ws.output_up(l - 1), g[f"l{l}.Wx"], ws.partial, before=passed_down)
         if dh0 is not None:
             dh0[l], dc0[l] = ws.dh, ws.dc
         ready(f"l{l}")

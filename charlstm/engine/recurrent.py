@@ -1,45 +1,89 @@
-"""The recurrent half of a layer, and the gate math: its time loop over a share of the batch's
-streams, on Wh packed once per window (packed.py), the gates computed right after each step's
-products while they are in cache.
+"""The recurrent half of a layer, and the gate math: its time loop, cut into the cells of the
+grid (grid.py: stream groups x unit groups), on Wh packed once per window (packed.py), the gates
+computed right after each step's products while they are in cache.
 
-A stream's recurrence needs nothing from any other stream, so a thread that owns streams
-lo..hi-1 runs the whole window for them with no synchronisation at all (threads.Team hands out
-the shares). At each step the micro-kernel leaves the share's pre-activations (forward) or
-dloss/dh through Wh (backward) in `scratch`, panel pair by panel pair over blocks of up to ROWS
-streams; then the nonlinearities and the cell update (or the gate gradients) run over each
-stream's row, in loops LLVM vectorizes.
+A cell owns some streams and some units. At each step the micro-kernel leaves its streams'
+pre-activations of its units (forward) or dloss/dh through Wh for its units (backward) in
+`scratch`, panel pair by panel pair over blocks of up to ROWS streams (one stream: the one-row
+kernel); then the nonlinearities and the cell update (or the gate gradients) run over its units
+of each stream's row, in loops LLVM vectorizes; then it meets its stream group's other cells,
+since the next step reads every unit of its streams (with one unit group there is nobody to meet).
+A thread runs cells rank, rank + threads, ... (threads.Team.together), each as its owner would,
+so the bytes do not depend on the number of threads.
 
 Shapes (kernels.py's letters): A and gates (T, B, G), h and c (T+1, B, H), tc (T, B, H),
 dH (T, B, H), dA (T, B, G), dh and dc (B, H), peep (3H,) or length 0; Wf and Wb as packed.py.
 The math is kernels.py's docstrings' (reference: tests/reference.py).
 """
+from charlstm.engine.barrier import meet
+from charlstm.engine.grid import stream_range, unit_blocks
 from charlstm.engine.jit import inline_kernel, kernel, sigmoid, tanh
-from charlstm.engine.packed import PANELS, ROWS, block_product
+from charlstm.engine.packed import PANELS, ROWS, block_product, pack_columns, pack_forward, row_product
 
 
 @kernel
-def forward_streams(A, Wf, peep, h, c, tc, lo, hi, scratch):
-    """One layer over the window for streams lo..hi-1.
+def forward_grid(A, Wh, Wf, peep, h, c, tc, scratch, rank, threads, groups, unit_groups, sync):
+    """One layer over the window, this thread's cells of the grid (grid.py): cells rank,
+    rank + threads, ... of groups x unit_groups, cell (s, g) = stream group s, unit group g.
 
     A (T, B, G)  in: input term + bias; out: the gates i, f, o, g after their nonlinearity
+    Wh (G, H);  Wf (U, 4, H, W) out: Wh packed (packed.pack_forward), each cell packing a part of its
+        unit group's blocks
     h, c (T+1, B, H)  h[0], c[0] in; h[t+1], c[t+1] out;  tc (T, B, H) out: tanh(c_t)
-    scratch (B, >= 4 * U * W)  the recurrent products, gate-major per stream (rows lo..hi-1 are this call's)"""
+    scratch (B, >= 4 * U * W)  the recurrent products, gate-major per stream: gate q of unit k at
+        scratch[s, q * U * W + k]
+    sync (groups + 1, SYNC_SIZE)  a meeting counter per stream group, and one for all (_meet)"""
     T, B, G = A.shape
     H = G // 4
     U, _, _, W = Wf.shape
+    cells = groups * unit_groups
     wf, out, row, width = Wf.reshape(-1), scratch.reshape(-1), scratch.shape[1], U * W
-    blocks = -(-(hi - lo) // ROWS)
+    for cell in range(rank, cells, threads):  # the stream groups split each unit group's packing
+        s, g = cell // unit_groups, cell % unit_groups
+        b0, b1 = unit_blocks(g, unit_groups, U, PANELS)
+        pack_forward(Wh, Wf, b0 + s * (b1 - b0) // groups, b0 + (s + 1) * (b1 - b0) // groups)
+    first = 0
+    if groups > 1:  # a unit group's slice was packed by every stream group's cell: all must be done
+        first = 1
+        if not meet(sync[groups], 1, threads):
+            return
     for t in range(T):
         ht = h[t].reshape(-1)
-        # Panel pairs outside, stream blocks inside: a pair (2 x H x W, 32 KB at H=256 in float32)
-        # stays in L1 while every block of this thread's streams reads it.
-        for p in range(0, 4 * U, PANELS):  # panel p: unit block p // 4, gate p % 4
-            to = (p % 4) * width + (p // 4) * W  # stream s's z for gate q, unit k: scratch[s, q * width + k]
-            for b in range(blocks):
-                s0, rows = _block(lo, hi, blocks, b)
-                block_product(ht, s0 * H, H, rows, wf, p * H * W, H * W, H, out, s0 * row + to, row, width)
-        for s in range(lo, hi):
-            cell_units(A[t, s], scratch[s], width, peep, c[t, s], c[t + 1, s], h[t + 1, s], tc[t, s], 0, H)
+        for cell in range(rank, cells, threads):
+            s, g = cell // unit_groups, cell % unit_groups
+            lo, hi = stream_range(s, groups, B)
+            b0, b1 = unit_blocks(g, unit_groups, U, PANELS)
+            if hi - lo == 1:  # one row: the one-row kernel keeps a unit block's 4 panels in flight
+                for u in range(b0, b1):
+                    row_product(ht, lo * H, wf, u * 4 * H * W, H * W, H, out, lo * row + u * W, width, 4)
+            else:
+                # Panel pairs outside, stream blocks inside: a pair (2 x H x W, 32 KB at H = 256 in
+                # float32) stays in L1 while every block of the cell's streams reads it.
+                blocks = -(-(hi - lo) // ROWS)
+                for p in range(4 * b0, 4 * b1, PANELS):  # panel p: unit block p // 4, gate p % 4
+                    to = (p % 4) * width + (p // 4) * W
+                    for b in range(blocks):
+                        s0, rows = _block(lo, hi, blocks, b)
+                        block_product(ht, s0 * H, H, rows, wf, p * H * W, H * W, H, out, s0 * row + to, row, width)
+            units_lo, units_hi = min(b0 * W, H), min(b1 * W, H)
+            for st in range(lo, hi):
+                cell_units(A[t, st], scratch[st], width, peep, c[t, st], c[t + 1, st], h[t + 1, st], tc[t, st],
+                           units_lo, units_hi)
+        if not _meet(sync, t + 1, first, rank, threads, groups, unit_groups):  # step t+1 reads all of h_t
+            return
+
+
+@inline_kernel
+def _meet(sync, step, before, rank, threads, groups, unit_groups):
+    """A cell's meeting after its `step`-th step (1, 2, ...): none with one unit group (a cell owns
+    whole streams), its stream group's counter when every cell has a thread of its own, else
+    everyone's counter (a thread running cells of several groups must wait for all of them),
+    which `before` meetings (the packing's) have already counted."""
+    if unit_groups == 1:
+        return True
+    if threads == groups * unit_groups:
+        return meet(sync[rank // unit_groups], step, unit_groups)
+    return meet(sync[groups], before + step, threads)
 
 
 @inline_kernel
@@ -96,38 +140,67 @@ def _cell_peep(gate_views, state_views, p_i, p_f, p_o):
 
 
 @kernel
-def backward_streams(gates, c, tc, peep, Wb, dH, dA, dh, dc, lo, hi, scratch):
-    """Truncated BPTT through one layer over the window for streams lo..hi-1, t = T-1 down to 0.
+def backward_grid(gates, c, tc, peep, Wh, Wb, dH, dA, dh, dc, scratch, rank, threads, groups, unit_groups, sync):
+    """Truncated BPTT through one layer over the window, t = T-1 down to 0, this thread's cells of
+    the grid (as forward_grid).
 
+    Wh (G, H);  Wb (Ub, G, W) out: Wh packed by columns (packed.pack_columns)
     dH (T, B, H)  in: dloss/dh_t from above; out: the total dloss/dh_t
     dA (T, B, G)  out: dloss/d(gate pre-activations)
     dh, dc (B, H) in: the gradient arriving from after the window; out: dloss/dh_0, dloss/dc_0
-    scratch (B, >= Ub * W)  dloss/dh_t through Wh per stream (rows lo..hi-1 are this call's)
-    Step t's dloss/dh_t from step t+1 is dA[t+1] @ Wh, made for this call's streams, and step t's
-    gate gradients follow while it is in cache."""
+    scratch (B, >= Ub * W)  dloss/dh_t through Wh per stream
+    Step t's dloss/dh_t from step t+1 is dA[t+1] @ Wh, made for the cell's streams and units,
+    and step t's gate gradients follow while it is in cache; step t-1 reads all of dA[t]."""
     T, B, G = gates.shape
     H = G // 4
     Ub, _, W = Wb.shape
+    cells = groups * unit_groups
     wb = Wb.reshape(-1)
+    for cell in range(rank, cells, threads):
+        s, g = cell // unit_groups, cell % unit_groups
+        b0, b1 = unit_blocks(g, unit_groups, Ub, PANELS)
+        pack_columns(Wh, Wb, b0 + s * (b1 - b0) // groups, b0 + (s + 1) * (b1 - b0) // groups)
+    first = 0
+    if groups > 1:
+        first = 1
+        if not meet(sync[groups], 1, threads):
+            return
     for t in range(T - 1, -1, -1):
-        if t < T - 1:
-            _dh_products(dA[t + 1], lo, hi, wb, Ub, W, G, scratch)
-        else:  # from after the window: the dh given
-            for s in range(lo, hi):
-                scratch[s, :H] = dh[s]
-        for s in range(lo, hi):
-            cell_grad_units(gates[t, s], dA[t, s], peep, c[t, s], tc[t, s], dH[t, s], dc[s], scratch[s], 0, H)
-    _dh_products(dA[0], lo, hi, wb, Ub, W, G, scratch)  # dloss/dh_0 = dA[0] @ Wh, for the caller
-    for s in range(lo, hi):
-        dh[s] = scratch[s, :H]
+        for cell in range(rank, cells, threads):
+            s, g = cell // unit_groups, cell % unit_groups
+            lo, hi = stream_range(s, groups, B)
+            b0, b1 = unit_blocks(g, unit_groups, Ub, PANELS)
+            units_lo, units_hi = min(b0 * W, H), min(b1 * W, H)
+            if t < T - 1:
+                _dh_products(dA[t + 1], lo, hi, wb, b0, b1, W, G, scratch)
+            else:  # from after the window: the dh given
+                for st in range(lo, hi):
+                    scratch[st, units_lo:units_hi] = dh[st, units_lo:units_hi]
+            for st in range(lo, hi):
+                cell_grad_units(gates[t, st], dA[t, st], peep, c[t, st], tc[t, st], dH[t, st], dc[st], scratch[st],
+                                units_lo, units_hi)
+        if not _meet(sync, T - t, first, rank, threads, groups, unit_groups):
+            return
+    for cell in range(rank, cells, threads):  # dloss/dh_0 = dA[0] @ Wh, for the caller
+        s, g = cell // unit_groups, cell % unit_groups
+        lo, hi = stream_range(s, groups, B)
+        b0, b1 = unit_blocks(g, unit_groups, Ub, PANELS)
+        units_lo, units_hi = min(b0 * W, H), min(b1 * W, H)
+        _dh_products(dA[0], lo, hi, wb, b0, b1, W, G, scratch)
+        for st in range(lo, hi):
+            dh[st, units_lo:units_hi] = scratch[st, units_lo:units_hi]
 
 
 @inline_kernel
-def _dh_products(dA_t, lo, hi, wb, Ub, W, G, scratch):
-    """scratch[s, :Ub*W] = dA_t[s] @ Wh for streams lo..hi-1, PANELS unit blocks a call."""
+def _dh_products(dA_t, lo, hi, wb, b0, b1, W, G, scratch):
+    """scratch[s, b0*W:b1*W] = dA_t[s] @ Wh's columns of unit blocks b0..b1-1, streams lo..hi-1:
+    one row by the one-row kernel, more PANELS blocks a call."""
     flat, out, row = dA_t.reshape(-1), scratch.reshape(-1), scratch.shape[1]
+    if hi - lo == 1:
+        row_product(flat, lo * G, wb, b0 * G * W, G * W, G, out, lo * row + b0 * W, W, b1 - b0)
+        return
     blocks = -(-(hi - lo) // ROWS)
-    for u in range(0, Ub, PANELS):
+    for u in range(b0, b1, PANELS):
         for b in range(blocks):
             s0, rows = _block(lo, hi, blocks, b)
             block_product(flat, s0 * G, G, rows, wb, u * G * W, G * W, G, out, s0 * row + u * W, row, W)

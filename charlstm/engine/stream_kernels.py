@@ -1,4 +1,5 @@
-"""One stream (B = 1), step by step: the kernels behind training with B = 1, eval and sampling.
+"""Sampling: one stream, a char at a time through every layer, and the output layer and the draw.
+(Training with B = 1 and eval run the recurrent grid, recurrent.py, with one stream group.)
 
 A step of one stream is a matrix-vector product: it reads every recurrent weight once (1 MB a
 layer at H = 256 in float32) for 2 flops each, so it is bound by how fast the weights stream in,
@@ -8,16 +9,15 @@ panels of W units), share i = blocks [i*U/shares, (i+1)*U/shares), and thread r 
 r, r+n, ... for the whole call. A thread's slice of the packed weights stays in its core's L2
 from step to step. Per step a thread makes its units' four gate pre-activations with the one-row
 micro-kernel (packed.row_product), runs their gates and cell update (recurrent.py's gate math),
-writes its units of h_t, and meets the others (barrier.meet): step t+1 reads all of h_t. Backward
-is the same on the transposed packing, a thread owning its units of dloss/dh and their gates'
-gradients, and meeting once a step: step t-1 reads all of dA_t.
+writes its units of h_t, and meets the others (barrier.meet): the next char reads all of h_t.
 
 `shares` is always the team's full size (threads.Team.most), whatever number of threads runs: a
 unit's arithmetic, and the views its gate loops run over, are then the same on 1 thread or on
 all, so results do not depend on the thread count.
 
-Entry points (forward_one, backward_one, run_stream) take (rank, threads, shares, sync) last and
-are called once per thread by threads.Team.together. Dimension letters as in kernels.py.
+run_stream takes (rank, threads, shares, sync) last and is called once per thread by
+threads.Team.together (sync: one row of the team's meeting counters). Dimension letters as in
+kernels.py.
 """
 import math
 
@@ -25,8 +25,8 @@ import numpy as np
 
 from charlstm.engine.barrier import meet
 from charlstm.engine.jit import inline_kernel, kernel
-from charlstm.engine.packed import pack_columns, pack_forward, row_product
-from charlstm.engine.recurrent import cell_grad_units, cell_units
+from charlstm.engine.packed import row_product
+from charlstm.engine.recurrent import cell_units
 
 
 @inline_kernel
@@ -56,58 +56,7 @@ def step_share(Wf, v, a, peep, c_prev, c_new, tc, h_new, z, share, shares):
     cell_units(a, z, width, peep, c_prev, c_new, h_new, tc, lo, hi)
 
 
-# ---------------------------------------------------------------- entry points (Team.together)
-
-@kernel
-def forward_one(A, Wh, Wf, peep, h, c, tc, z, rank, threads, shares, sync):
-    """One layer of one stream over the window (training with B = 1, and eval), this thread's shares.
-
-    A    (T, G)    in: input term + bias per step; out: the gates after their nonlinearity
-    Wh   (G, H);   Wf (U, 4, H, W) out: this thread's unit blocks of Wh, packed (packed.pack_forward)
-    h, c (T+1, H)  h[0], c[0] in: the carried state; h[t+1], c[t+1] out: the state after step t
-    tc   (T, H)    out: tanh(c_t);  peep (3H,) or (0,);  z (4 * U * W,) scratch
-    A thread packs the unit blocks it reads, and no other, so it needs no meeting before step 0.
-    """
-    H = h.shape[1]
-    U, W = Wf.shape[0], Wf.shape[3]
-    for share in range(rank, shares, threads):
-        u0, units, _, _ = share_units(share, shares, U, W, H)
-        pack_forward(Wh, Wf, u0, u0 + units)
-    for t in range(A.shape[0]):
-        for share in range(rank, shares, threads):
-            step_share(Wf, h[t], A[t], peep, c[t], c[t + 1], tc[t], h[t + 1], z, share, shares)
-        if not meet(sync, t + 1, threads):
-            return
-
-
-@kernel
-def backward_one(gates, c, tc, peep, Wh, Wb, dH, dA, dh, dc, dh_next, rank, threads, shares, sync):
-    """recurrent.backward_streams for one stream, this thread's shares: gates, dA (T, G), c (T+1, H),
-    tc, dH (T, H), dh, dc (H,) as there; Wh (G, H); Wb (Ub, G, W) out: this thread's unit blocks
-    of Wh packed by columns (packed.pack_columns); dh_next (Ub * W,) scratch: dloss/dh_t through Wh."""
-    T, G = gates.shape
-    H = G // 4
-    Ub, _, W = Wb.shape
-    U = -(-H // W)
-    wb = Wb.reshape(-1)
-    for share in range(rank, shares, threads):
-        u0, units, _, _ = share_units(share, shares, U, W, H)
-        pack_columns(Wh, Wb, u0, u0 + units)
-    for t in range(T - 1, -1, -1):
-        for share in range(rank, shares, threads):
-            u0, units, lo, hi = share_units(share, shares, U, W, H)
-            if t < T - 1:
-                row_product(dA[t + 1], 0, wb, u0 * G * W, G * W, G, dh_next, u0 * W, W, units)
-            else:  # from after the window: the dh given
-                dh_next[lo:hi] = dh[lo:hi]
-            cell_grad_units(gates[t], dA[t], peep, c[t], tc[t], dH[t], dc, dh_next, lo, hi)
-        if not meet(sync, T - t, threads):  # step t-1 reads all of dA[t]
-            return
-    for share in range(rank, shares, threads):  # dloss/dh_0 = dA[0] @ Wh, for the caller
-        u0, units, lo, hi = share_units(share, shares, U, W, H)
-        row_product(dA[0], 0, wb, u0 * G * W, G * W, G, dh_next, u0 * W, W, units)
-        dh[lo:hi] = dh_next[lo:hi]
-
+# ---------------------------------------------------------------- sampling's entry point (Team.together)
 
 @kernel
 def run_stream(net, feed, state, c, u, inv_temp, top_k, greedy, work, out, rank, threads, shares, sync):

@@ -30,6 +30,7 @@ turns, and moves there if they ran faster; when the last few units took twice th
 process started) it tries the rung below at once. So beside a process that takes some cores it
 walks down rung by rung to the fastest count, and back up when the process leaves.
 """
+import itertools
 import math
 import queue
 import statistics
@@ -72,19 +73,19 @@ class Team:
     halves in one order), and a run the governor moves between counts trains the same bytes.
 
     `run(work, shares)` calls work(lo, hi, slot) for each share (lo, hi), slot being the share's
-    index. `together(work)` calls work(rank, threads, sync) once on each of `size` threads at the
-    same time, for kernels whose threads meet inside (barrier.meet on `sync`). Both return when
-    all are done, raising the first error any raised."""
+    index. `together(work, cells)` calls work(rank, threads, sync) once on each of `size` threads
+    (at most `cells`) at the same time, for kernels whose threads meet inside (barrier.meet on a
+    row of `sync`, (most + 1, SYNC_SIZE)). Both return when all are done, raising the first error
+    any raised."""
 
     def __init__(self, most):
         self.most = most  # the threads there are (the cores Numba was told of)
         self.size = most  # the threads used now (use() and the Governor set it)
         self._inbox = [None]  # one queue per helper thread, started when first needed
         self._posted = [None]  # per helper: jobs posted to it (a doorbell it spins on before sleeping)
-        self._errors = [None]  # per helper: what its last job raised, or None
-        self._finished = np.zeros(16, np.int64)  # jobs the helpers have finished, all told
-        self._expected = 0  # ... once every job posted so far has finished
-        self._sync = np.zeros(SYNC_SIZE, np.int64)  # the meeting counter of a together() call
+        # The meeting counters of a together() call: one per stream group of the recurrent grid
+        # (grid.py: at most `most` groups) and one for all, each on lines of its own.
+        self._sync = np.zeros((most + 1, SYNC_SIZE), np.int64)
 
     def shares(self, n, smallest):
         """Cut 0..n-1 into at most `most` contiguous shares of near-equal size, none smaller than
@@ -94,50 +95,64 @@ class Team:
         return [(round(i * n / count), round((i + 1) * n / count)) for i in range(count)]
 
     def run(self, work, shares):
-        threads = max(1, min(self.size, len(shares)))
+        """Shares are taken in turn as threads come free, not dealt out in advance, and the call
+        ends when every share is done, not every helper: a helper that starts late (woken from
+        sleep, or on a core another process holds, or behind the others for the GIL) takes fewer
+        shares, or none, instead of holding the others up. A share writes only its own outputs,
+        so who runs it changes nothing."""
+        n = len(shares)
+        take = itertools.count().__next__  # atomic under the GIL
+        done, errors = np.zeros(16, np.int64), []
 
-        def work_slots(rank):
-            for slot in range(rank, len(shares), threads):
-                work(*shares[slot], slot)
-        self._everyone(work_slots, threads)
+        def work_shares(rank):
+            slot = take()
+            while slot < n:
+                try:
+                    work(*shares[slot], slot)
+                except BaseException as e:  # the caller raises it once every share is done
+                    errors.append(e)
+                barrier.ring(done)
+                slot = take()
+        self._post(work_shares, max(1, min(self.size, n)))
+        work_shares(0)
+        barrier.wait_for(done, n, 0)
+        if errors:
+            raise errors[0]
 
-    def together(self, work):
-        threads, sync = self.size, self._sync
+    def together(self, work, cells=None):
+        if self._sync.shape[0] < self.most + 1:  # `most` was raised (tests simulate bigger machines)
+            self._sync = np.zeros((self.most + 1, SYNC_SIZE), np.int64)
+        threads, sync = min(self.size, cells or self.size), self._sync  # no thread without a cell
         sync[:] = 0
+
+        finished, errors = np.zeros(16, np.int64), []
 
         def work_meeting(rank):
             try:
                 work(rank, threads, sync)
-            except BaseException:
-                sync[ABORT] = 1  # the others stop waiting at their next meeting
-                raise
-        self._everyone(work_meeting, threads)
+            except BaseException as e:
+                sync[:, ABORT] = 1  # the others stop waiting at their next meeting
+                errors.append(e)
+            barrier.ring(finished)
+        self._post(work_meeting, threads)
+        work_meeting(0)
+        barrier.wait_for(finished, threads, 0)  # every thread: they all hold the call's sync
+        if errors:
+            raise errors[0]
 
-    def _everyone(self, job, threads):
-        """job(rank) on this thread (rank 0) and helpers 1..threads-1 at once; the first error
-        raised. Waiting for the helpers spins (barrier.wait_for) rather than sleeps: a sleeping
-        caller took 0.5 ms a call to wake on this VM, 10 ms a step at the defaults."""
+    def _post(self, job, threads):
+        """Start job(rank) on helpers 1..threads-1 (the caller works rank 0). The caller then waits
+        spinning (barrier.wait_for) rather than sleeping: a sleeping caller took 0.5 ms a call to
+        wake on this VM, 10 ms a step at the defaults."""
         for helper in range(1, threads):
             self._start(helper)
-            self._inbox[helper].put((job, helper))
+            self._inbox[helper].put(job)
             barrier.ring(self._posted[helper])
-        error = None
-        try:
-            job(0)
-        except BaseException as e:  # still collect the helpers before raising
-            error = e
-        self._expected += threads - 1
-        barrier.wait_for(self._finished, self._expected, 0)
-        for helper in range(1, threads):
-            error = error or self._errors[helper]
-        if error is not None:
-            raise error
 
     def _start(self, helper):
         while len(self._inbox) <= helper:
             self._inbox.append(queue.SimpleQueue())
             self._posted.append(np.zeros(16, np.int64))
-            self._errors.append(None)
             threading.Thread(target=self._serve, args=(len(self._inbox) - 1,), daemon=True,
                              name=f"charlstm-team-{len(self._inbox) - 1}").start()
 
@@ -145,14 +160,9 @@ class Team:
         inbox, posted, taken = self._inbox[helper], self._posted[helper], 0
         while True:
             barrier.wait_for(posted, taken + 1, HELPER_SPINS)  # then sleep in get() if none came
-            job, rank = inbox.get()
+            job = inbox.get()
             taken += 1
-            try:
-                job(rank)
-                self._errors[helper] = None
-            except BaseException as e:
-                self._errors[helper] = e
-            barrier.ring(self._finished)
+            job(helper)  # it catches what its work raises, for the caller
 
 
 team = Team(numba.config.NUMBA_NUM_THREADS)
