@@ -25,7 +25,9 @@ model above. The busiest cell sets the pace:
                         + L x 2T meetings of its unit groups
                         + (run calls x posting + together calls x starting) x (N - 1)
 
-A prediction, not a measurement of an N-core machine: it assumes each core runs its cell as fast
+"no calls" is the efficiency without the team calls' cost: the grid's own, what a team whose
+helpers did not wait in turn for Python's GIL would reach. A prediction, not a measurement of an
+N-core machine: it assumes each core runs its cell as fast
 as this machine's one core does alone (its slice in its own L2), and L3 and memory keep up.
 Prints numbers, asserts nothing; run it on a quiet machine.
 """
@@ -96,8 +98,8 @@ def main():
         print(f"{shape} (H x B x T x L): 2-core step {two * 1e3:.1f} ms ({B * T / two:,.0f} chars/s); on one "
               f"thread {one * 1e3:.1f} ms, of which recurrent {recurrent_one * 1e3:.1f} ms; team calls a step: "
               f"{runs} run, {togethers} together")
-        print(f"{'cores':>5} {'cut':>6} {'cell fwd+bwd':>12} {'meetings':>9} {'calls':>7} {'step':>9} "
-              f"{'chars/s':>10} {'ideal':>10} {'efficiency':>10}   {'old cut':>7} {'step':>9} {'efficiency':>10}")
+        print(f"{'cores':>5} {'cut':>6} {'cell fwd+bwd':>12} {'model':>9} {'meetings':>9} {'calls':>7} {'step':>9} "
+              f"{'chars/s':>10} {'ideal':>10} {'efficiency':>10} {'no calls':>9}   {'old cut':>7} {'step':>9} {'efficiency':>10}")
         for N in args.cores:
             ideal = two * 2 / N
             rows = []
@@ -107,11 +109,13 @@ def main():
                 meets = L * 2 * T * meeting * cut.unit_groups / 2 if cut.unit_groups > 1 else 0.0
                 dispatch = (runs * posting + togethers * starting) * (N - 1)
                 predicted = batched / min(N, positions(N)) + cell + meets + dispatch
-                rows.append((cut, cell, meets, dispatch, predicted))
-            (cut, cell, meets, dispatch, predicted), old = rows
-            print(f"{N:>5} {str(cut):>6} {cell * 1e3:>9.2f} ms {meets * 1e3:>6.2f} ms {dispatch * 1e3:>4.2f} ms "
+                model_cell = L * 2 * T * (lambda cost: cost["products"] + cost["gates"])(
+                    grid.cell_cost(B, H, "float32", cut)) * 1e-9
+                rows.append((cut, cell, meets, dispatch, predicted, model_cell))
+            (cut, cell, meets, dispatch, predicted, model_cell), old = rows
+            print(f"{N:>5} {str(cut):>6} {cell * 1e3:>9.2f} ms {model_cell * 1e3:>6.2f} ms {meets * 1e3:>6.2f} ms {dispatch * 1e3:>4.2f} ms "
                   f"{predicted * 1e3:>6.2f} ms {B * T / predicted:>10,.0f} {B * T / ideal:>10,.0f} "
-                  f"{100 * ideal / predicted:>9.0f}%   {str(old[0]):>7} {old[4] * 1e3:>6.2f} ms "
+                  f"{100 * ideal / predicted:>9.0f}% {100 * ideal / (predicted - dispatch):>8.0f}%   {str(old[0]):>7} {old[4] * 1e3:>6.2f} ms "
                   f"{100 * ideal / old[4]:>9.0f}%", flush=True)
         print()
 
@@ -139,14 +143,12 @@ def cell_seconds(recurrent, packed, network, model, B, T, cut, cell, np, rng):
     dh, dc = np.zeros((B, H), f32), np.zeros((B, H), f32)
     peep = np.zeros(0, f32)
     sync = np.zeros((cut.groups + 1, SYNC_SIZE), np.int64)
-    gates = A.copy()
 
-    def window():
+    def window():  # forward leaves the gates in A: the next window's input terms are those (same work)
         sync[:, ARRIVED] = 1 << 40
-        gates[:] = A
-        recurrent.forward_grid(gates, Wh, Wf, peep, hs, cs, tc, scratch, cell, cut.cells, cut.groups, cut.unit_groups,
+        recurrent.forward_grid(A, Wh, Wf, peep, hs, cs, tc, scratch, cell, cut.cells, cut.groups, cut.unit_groups,
                                sync)
-        recurrent.backward_grid(gates, cs, tc, peep, Wh, Wb, dH.copy(), dA, dh, dc, scratch, cell, cut.cells,
+        recurrent.backward_grid(A, cs, tc, peep, Wh, Wb, dH, dA, dh, dc, scratch, cell, cut.cells,
                                 cut.groups, cut.unit_groups, sync)
     return best_of(window)
 

@@ -22,7 +22,7 @@ THE COST MODEL. Per step, one cell with r = ceil(B / groups) streams and n = its
               chains = 2 x rows a block (one stream: 4, the one-row kernel's four panels): fewer
               than CHAINS_NEEDED independent fma chains leave the fma units waiting on latency;
               the slice (4n x H weights) streams from L2 if it fits in half of it, else from L3
-    gates     r * n * GATE_NS
+    gates     r * n * GATE_NS + r * ROW_NS
     meeting   MEET_NS + MEET_NS_PER_THREAD * unit_groups, when unit_groups > 1
 
 and the grid with the least step time wins, the fewer cells on a tie within TIE (a cell that
@@ -47,12 +47,14 @@ from charlstm.engine.jit import inline_kernel
 from charlstm.engine.target import SHAPE
 
 # ---- the cost model's constants (module docstring): one core, nanoseconds, float32 lanes
-FMA_RATE = 2.5  # vector fmas per ns at full chains: one 512-bit fma a cycle (Zen 4 splits it in two) at ~2.5 GHz
+FMA_RATE = 2.8  # vector fmas per ns at full chains: one 512-bit fma a cycle (Zen 4 splits it in two) at ~2.8 GHz
 CHAINS_NEEDED = 8  # fma latency x issue width: 4 cycles x 2 pipes
 L2_BYTES = 1 << 20  # a core's L2 (the smallest of the machines seen); a slice fits if it takes at most half
-BANDWIDTH_L2 = 64.0  # bytes per ns a core streams from its L2
-BANDWIDTH_L3 = 16.0  # bytes per ns a core streams from L3 (shared, so less when many cores read)
+BANDWIDTH_L2 = 80.0  # bytes per ns a core streams from its L2
+BANDWIDTH_L3 = 48.0  # bytes per ns a core streams from L3 (shared, so less when many cores read)
 GATE_NS = 0.25  # the gate math of one unit of one stream (forward; backward is alike)
+ROW_NS = 300.0  # each stream of a cell, each step: its gate call, and its rows of the window's
+#                 arrays (input terms, state, gradients) fetched in pieces of a cell's units
 MEET_NS = 150.0  # one meeting of two threads on two idle cores
 MEET_NS_PER_THREAD = 40.0  # each further thread at a meeting: one more atomic add on the same line
 TIE = 0.03  # cuts within 3% of the best count as equal: the fewer cells win
@@ -95,7 +97,7 @@ def cell_cost(B, H, dtype, grid):
     slice_bytes = 4 * n * H * itemsize
     bandwidth = BANDWIDTH_L2 if slice_bytes <= L2_BYTES // 2 else BANDWIDTH_L3
     products = max(compute, slice_bytes / bandwidth)
-    gates = r * n * GATE_NS
+    gates = r * n * GATE_NS + r * ROW_NS
     meeting = MEET_NS + MEET_NS_PER_THREAD * grid.unit_groups if grid.unit_groups > 1 else 0.0
     return {"products": products, "gates": gates, "meeting": meeting, "step": products + gates + meeting}
 
