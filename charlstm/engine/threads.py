@@ -4,16 +4,15 @@ THE THREADING RULE. Every multi-threaded kernel call of the engine runs on `team
 threads, each calling a nogil kernel on a fixed share of the work. Nothing else runs threads on
 the hot paths: no Numba parallel kernel exists in the package (tests/test_jit.py checks), and
 BLAS keeps to one thread inside whichever team thread calls it (blas.py says why).
-  - Many streams (B > 1): `run` hands each thread a share of the batch's streams for a whole
-    window (recurrent.py); a stream needs nothing from the others, so nothing synchronises
-    inside the call. The window's batched products are cut the same way, by rows or positions
-    (network.py).
-  - One stream (B = 1 training, eval, validation, sampling): `together` runs one kernel call per
-    thread, each owning a share of the hidden units, and the threads meet once a step inside the
-    kernel with a spin barrier (stream_kernels.py, barrier.py).
-Work is always cut into `most` shares, however many threads run, so results do not depend on the
-count: a run the governor moves between 1 and 2 threads trains the same bytes
-(tests/test_threads.py checks a run switching every step against a steady one, byte for byte).
+  - The recurrent loops: `together` runs one kernel call per thread over the cells of the grid
+    (grid.py: stream groups x unit groups, at most `most` cells); a cell's threads meet once a
+    step inside the kernel on a spin barrier (recurrent.py, barrier.py). Sampling is the same with
+    one stream (stream_kernels.py).
+  - The window's batched work: `run` cuts it by rows, positions or columns (network.py), or the
+    flat buffers by fixed chunks (optim.py); threads take the shares as they come free.
+Work is always cut for `most` threads, however many run, so results do not depend on the count:
+a run the governor moves between counts trains the same bytes (tests/test_threads.py checks a run
+switching every step against a steady one, byte for byte).
 
 HOW MANY. Two threads splitting work wait for each other where they meet. Alone on the machine,
 two threads are faster. Beside another busy process, the thread that loses its core holds the
