@@ -71,15 +71,17 @@ def test_kill_9_at_random_instants_leaves_loadable_checkpoints_and_exact_resume(
         before = newest_step(run_dir)
         args = [corpus, *SAVING, "--out", tmp_path, "--run", "r"] if kill == 0 else ["--resume", latest]
         proc = start_training(log, *args)
-        if kill == 0:
-            wait_for(latest.exists, proc)
-            time.sleep(seconds(rng.uniform(0, 0.2)))
-        elif kill % 2:  # some instant after it has saved at least once
-            wait_for(lambda: newest_step(run_dir) > before, proc)
-            time.sleep(seconds(rng.uniform(0, 0.2)))
-        else:  # any instant from startup on: imports, loading, the lock, the log, training
-            time.sleep(seconds(rng.uniform(0, 2.0)))
-        proc.kill()
+        try:
+            if kill == 0:
+                wait_for(latest.exists, proc)
+                time.sleep(seconds(rng.uniform(0, 0.2)))
+            elif kill % 2:  # some instant after it has saved at least once
+                wait_for(lambda: newest_step(run_dir) > before, proc)
+                time.sleep(seconds(rng.uniform(0, 0.2)))
+            else:  # any instant from startup on: imports, loading, the lock, the log, training
+                time.sleep(seconds(rng.uniform(0, 2.0)))
+        finally:  # a wait that timed out must not leave the trainer running after the test
+            proc.kill()
         assert proc.wait(timeout=seconds(30)) == KILLED
         for path in run_dir.glob("*.npz"):  # never a half-written checkpoint under a real name
             load_checkpoint(path)
