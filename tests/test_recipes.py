@@ -56,13 +56,13 @@ def test_resume_across_a_decay_is_exact_for_each_optimizer(tmp_path, corpus, run
 
 def test_the_schedules_lr_reaches_every_update_and_metrics_line(tmp_path, corpus, run_cli, monkeypatch):
     seen = []
-    real = train_module.update
+    real = train_module.clip_and_update
 
-    def spy(params, grads, state, t, lr, cfg):
+    def spy(params, grads, state, t, lr, cfg, sumsq):
         seen.append((t, lr))
-        real(params, grads, state, t, lr, cfg)
+        real(params, grads, state, t, lr, cfg, sumsq)
 
-    monkeypatch.setattr(train_module, "update", spy)
+    monkeypatch.setattr(train_module, "clip_and_update", spy)
     train(run_cli, corpus, *TINY, "--optim", "adam", "--lr", 0.01, "--lr-decay", "0.5", "--lr-decay-every", "1",
           "--steps", 65, "--out", tmp_path, "--run", "r")
     # step t (1-based) is in epoch (t - 1) // 22: decays as steps 22 and 44 end
