@@ -37,7 +37,6 @@ the same on 1 thread and on all. Another core count is another grid, which chang
 units a gate loop covers at a time: the same values, not always the same last bit.
 CHARLSTM_GRID=SxU forces S stream groups x U unit groups (for tests: every cut on any machine).
 """
-import math
 import os
 from dataclasses import dataclass
 
@@ -127,13 +126,6 @@ def _forced(text, B, H, dtype):
     except ValueError:
         raise ValueError(f"CHARLSTM_GRID={text}: expected SxU, e.g. 2x3") from None
     return Grid(max(1, min(groups, B)), max(1, min(unit_groups, unit_pairs(H, dtype))))
-
-
-def predicted_efficiency(B, H, dtype, cores, grid):
-    """The model's parallel efficiency of `grid` on `cores` cores against the same model's best
-    one-core cut times cores (for benchmarks/cores.py)."""
-    one = min(cell_cost(B, H, dtype, g)["step"] for g in candidates(B, H, dtype, 1))
-    return one / (cores * cell_cost(B, H, dtype, grid)["step"])
 
 
 # ---------------------------------------------------------------- the cut, inside the kernels
