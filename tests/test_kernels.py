@@ -170,18 +170,21 @@ def test_packings_hold_wh():
 @pytest.mark.parametrize("layers,peepholes,H", [(1, False, 100), (2, True, 37), (3, False, 64), (2, True, 3)])
 def test_one_stream_split_across_threads_matches_reference(team_of, layers, peepholes, H, dtype, tol):
     """B = 1 splits each step's units into unit groups (the grid with one stream group, grid.py)
-    whose threads meet once a step. Cut for 2 or 3 cores (fewer groups when H is small), run on 1,
-    2 or 3 threads, with dropout: the reference's numbers, and the very same bits whatever the count."""
+    whose threads meet once a step. Cut for 2 or 3 cores (fewer groups when H is small), with
+    dropout: the reference's numbers, and for each cut the very same bits on any number of threads.
+    Two cuts need not agree in the last bit: a gate loop over other units can round differently
+    (seen on apple-m1's NEON at H = 37, where 2 and 3 unit groups differed)."""
     case = random_case(layers, peepholes, 1, 5, dtype, hidden=H)
     masks = random_masks(case[0], 1, 5, p=0.3, seed=2)
-    team_of(2, 1)
-    alone = run_network(*case, masks=masks)
-    assert_matches_reference(case, alone, tol, masks)
-    for most, size in [(2, 2), (3, 2), (3, 3)]:
-        team_of(most, size)
-        split = run_network(*case, masks=masks)
-        for ours, theirs in zip(split, alone):
-            assert np.array_equal(ours, theirs), (most, size)
+    for most in (2, 3):
+        team_of(most, 1)
+        alone = run_network(*case, masks=masks)
+        assert_matches_reference(case, alone, tol, masks)
+        for size in range(2, most + 1):
+            team_of(most, size)
+            split = run_network(*case, masks=masks)
+            for ours, theirs in zip(split, alone):
+                assert np.array_equal(ours, theirs), (most, size)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
