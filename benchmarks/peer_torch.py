@@ -21,7 +21,8 @@ charlstm/train.py, charlstm/validate.py):
              lr 0.02, Adam's 2e-3), clipping each gradient entry at 5 (--clip-mode norm: the global
              L2 norm; --clip 0: off), dropout on every layer's output on its way up (nn.LSTM's
              dropout between layers, nn.Dropout before nn.Linear) rising from 0 to 0.3 over the
-             first 20 epochs
+             first 20 epochs; the lr x0.85 at every epoch end from the end of epoch 7 (set on the
+             optimizer's param groups as each step starts; --lr-decay-every N: torch-rnn's steps)
   validation the validation split's first 200,000 chars (charlstm.validate.VAL_MAX_CHARS) read as
              one stream from zero state, on its own state, every prediction scored
              (--val-streams B: as B streams, each from zero state)
@@ -147,6 +148,16 @@ def dropout_at(args, step, windows_per_epoch):
     return args.dropout * min(1.0, step / (args.dropout_warmup * windows_per_epoch))
 
 
+def lr_at(args, epoch):
+    """charlstm.schedule.lr_at: the lr in force after `epoch` completed epochs."""
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optim]
+    if args.lr_decay_every:
+        decays = epoch // args.lr_decay_every
+    else:
+        decays = max(0, epoch - max(args.lr_decay_after, 1) + 1)
+    return lr * args.lr_decay ** decays
+
+
 def optimizer(args, params):
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optim]
     if args.optim == "adagrad":  # eps 1e-10 outside the root: charlstm's 1e-20 inside it (optim.py)
@@ -202,6 +213,8 @@ def run(args):
         else:  # carry h, c; stop the gradients at the window boundary
             state = tuple(s.detach() for s in state)
         model.set_dropout(dropout_at(args, step, windows))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step // windows)
         logits, state = model(inputs, state)
         loss = nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -246,6 +259,9 @@ def parser():
     p.add_argument("--optim", choices=list(DEFAULT_LR), default="rmsprop")
     p.add_argument("--lr", type=float, default=None, help="default: 2e-3 for rmsprop and adam, 0.02 for adagrad")
     p.add_argument("--rmsprop-alpha", type=float, default=0.95)
+    p.add_argument("--lr-decay", type=float, default=0.85, help="lr factor at each decay; 1 is off")
+    p.add_argument("--lr-decay-after", type=int, default=7, help="decay at every epoch end from epoch N on")
+    p.add_argument("--lr-decay-every", type=int, default=0, help="instead: decay every N epochs (0: off)")
     p.add_argument("--clip", type=float, default=5.0, help="0 is off")
     p.add_argument("--clip-mode", choices=["value", "norm"], default="value")
     p.add_argument("--dropout", type=float, default=None, help="default: 0.3 in train, 0 in speed")

@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from charlstm.config import (DEFAULT_LR, DYNAMIC_ETA, DYNAMIC_LAMBDA, DYNAMIC_SEGMENT, INITS, OPTIMIZERS,
-                             RMS_TEXT_CHARS)
+from charlstm.config import (DEFAULT_LR, DYNAMIC_ETA, DYNAMIC_LAMBDA, DYNAMIC_SEGMENT, INITS, LR_DECAY,
+                             LR_DECAY_AFTER, OPTIMIZERS, RMS_TEXT_CHARS)
 
 POSITIVE = click.IntRange(min=1)
 UNIT = click.FloatRange(min=0, max=1, max_open=True)  # [0, 1): RMSprop's alpha, Adam's betas
@@ -114,11 +114,13 @@ def cli():
 @click.option("--adam-eps", type=EPS, default=1e-8, show_default=True,
               help="Adam's eps, outside the root (as PyTorch and torch-rnn).")
 @click.option("--lr-decay", type=click.FloatRange(min=0, max=1, min_open=True), metavar="FACTOR",
-              help="Multiply lr by FACTOR at the epoch ends that --lr-decay-after or --lr-decay-every name.")
+              help=f"Multiply lr by FACTOR at the epoch ends that --lr-decay-after or --lr-decay-every name; "
+                   f"1 is no decay.  [default: {LR_DECAY:g}]")
 @click.option("--lr-decay-after", type=click.IntRange(min=0), metavar="EPOCHS",
-              help="char-rnn's schedule: decay at every epoch end from the end of epoch EPOCHS on.")
+              help=f"char-rnn's schedule: decay at every epoch end from the end of epoch EPOCHS on.  "
+                   f"[default: {LR_DECAY_AFTER} unless --lr-decay-every is given]")
 @click.option("--lr-decay-every", type=POSITIVE, metavar="EPOCHS",
-              help="torch-rnn's schedule: decay at the end of every EPOCHS-th epoch.")
+              help="torch-rnn's schedule instead: decay at the end of every EPOCHS-th epoch.")
 @click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Gradient clip; 0 is off.")
 @click.option("--clip-mode", type=click.Choice(["value", "norm"]), default="value", show_default=True,
               help="Clip each entry (char-rnn) or the global L2 norm.")
@@ -188,10 +190,11 @@ def train(ctx, corpus, resume, init_from, out, run, quiet, encoding, **options):
 
 def check_recipe(ctx, options, given, resume):
     """Refuse optimizer and schedule options that do not go together (one usage line each), then
-    fill in the ones that depend on others: --lr from --optim, no --lr-decay as factor 1."""
-    from charlstm.schedule import schedule_problem
+    fill in the ones that depend on others: --lr from --optim, the schedule from the --lr-decay
+    options given (a resumed run keeps its checkpoint's whatever is filled in here)."""
+    from charlstm.schedule import fill_schedule, schedule_problem
 
-    problem = schedule_problem(options["lr_decay"], options["lr_decay_after"], options["lr_decay_every"])
+    problem = schedule_problem(options["lr_decay_after"], options["lr_decay_every"])
     if problem:
         raise click.UsageError(problem, ctx)
     # A resumed run's optimizer is the checkpoint's, whatever --optim says (train checks they agree).
@@ -200,7 +203,8 @@ def check_recipe(ctx, options, given, resume):
         flag = strays[0].replace("_", "-")
         raise click.UsageError(f"--{flag} is an option of --optim {strays[0].split('_')[0]}, and this run uses "
                                f"--optim {options['optim']}", ctx)
-    options["lr_decay"] = 1.0 if options["lr_decay"] is None else options["lr_decay"]
+    options["lr_decay"], options["lr_decay_after"], options["lr_decay_every"] = fill_schedule(
+        options["lr_decay"], options["lr_decay_after"], options["lr_decay_every"])
     options["lr"] = DEFAULT_LR[options["optim"]] if options["lr"] is None else options["lr"]
 
 

@@ -18,6 +18,11 @@ OPTIMIZERS = tuple(OPTIMIZER_STATE)
 INITS = ("fan-in", "char-rnn")
 # --lr when none is given: the project's measured Adagrad rate; char-rnn's and torch-rnn's 2e-3.
 DEFAULT_LR = {"adagrad": 0.02, "rmsprop": 2e-3, "adam": 2e-3}
+# The lr schedule when no --lr-decay option is given: lr x LR_DECAY at every epoch end from the end
+# of epoch LR_DECAY_AFTER (char-rnn's schedule, sooner and steeper), measured in 10-minute runs
+# (docs/training.md#the-learning-rate-decay).
+LR_DECAY = 0.85
+LR_DECAY_AFTER = 7
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    lr_decay: float = 1.0  # multiply lr by this at the epoch ends that lr_decay_after/every name
-    lr_decay_after: int | None = None
+    lr_decay: float = LR_DECAY  # multiply lr by this at the epoch ends that lr_decay_after/every name
+    lr_decay_after: int | None = LR_DECAY_AFTER  # None when lr_decay_every is the schedule
     lr_decay_every: int | None = None
     clip: float = 5.0
     clip_mode: str = "value"
@@ -81,7 +86,9 @@ class TrainConfig:
                    "adam": f"betas {self.adam_beta1:g}, {self.adam_beta2:g}, eps {self.adam_eps:g}"}[self.optim]
         name = {"adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam"}[self.optim]
         text = f"{name} lr {self.lr:g} ({options})"
-        if self.lr_decay_after is not None:
+        if self.lr_decay == 1:
+            text += ", no lr decay"
+        elif self.lr_decay_after is not None:
             text += f", lr x{self.lr_decay:g} at every epoch end from epoch {max(self.lr_decay_after, 1)}"
         elif self.lr_decay_every is not None:
             text += f", lr x{self.lr_decay:g} every {self.lr_decay_every} epochs"
@@ -95,7 +102,8 @@ class TrainConfig:
 
 
 # Checkpoints written before an option existed trained with these values.
-BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "optim": "adagrad", "weight_drop": 0.0}
+BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "optim": "adagrad", "weight_drop": 0.0,
+                 "lr_decay": 1.0, "lr_decay_after": None, "lr_decay_every": None}
 
 
 # ---- Dynamic evaluation's defaults (dynamic.py), in one block to change. Chosen by

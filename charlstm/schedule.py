@@ -10,7 +10,11 @@ continues both exactly, with nothing to save. No schedule touches the optimizer'
 char-rnn's `-learning_rate_decay_after 10` (its default) is --lr-decay-after 10: the first decay
 comes as epoch 10 ends. torch-rnn's loop applies its decay one step before the end of epochs N-1,
 2N-1, ... and restarts Adam when it does; --lr-decay-every N decays as epochs N, 2N, ... end.
+
+With none of them the run uses char-rnn's schedule with config.LR_DECAY from the end of epoch
+config.LR_DECAY_AFTER; a factor or an epochs option alone takes the other from those defaults.
 """
+from charlstm.config import LR_DECAY, LR_DECAY_AFTER
 
 
 def lr_at(cfg, epoch):
@@ -36,15 +40,19 @@ def dropout_at(cfg, step, windows_per_epoch):
     return cfg.dropout * min(1.0, step / (cfg.dropout_warmup * windows_per_epoch))
 
 
-def schedule_problem(lr_decay, after, every):
+def schedule_problem(after, every):
     """What is wrong with the --lr-decay options given (None for one not given), as one line; None
     if nothing. The ranges (factor in (0, 1], epochs >= 0 or >= 1) are click's to check."""
     if after is not None and every is not None:
         return ("--lr-decay-after (char-rnn's schedule) and --lr-decay-every (torch-rnn's) are two "
                 "schedules: give only one")
-    if lr_decay is not None and after is None and every is None:
-        return ("--lr-decay needs --lr-decay-after EPOCHS (decay at every epoch end from then on) or "
-                "--lr-decay-every EPOCHS (decay every EPOCHS epochs)")
-    if lr_decay is None and (after is not None or every is not None):
-        return "--lr-decay-after and --lr-decay-every need --lr-decay FACTOR (a factor in (0, 1])"
     return None
+
+
+def fill_schedule(lr_decay, after, every):
+    """(factor, after, every) a new run uses from the --lr-decay options given (None for one not
+    given): the default schedule where no epochs option is given, the default factor where no factor
+    is. --lr-decay 1 is no decay."""
+    if after is None and every is None:
+        after = LR_DECAY_AFTER
+    return (LR_DECAY if lr_decay is None else lr_decay), after, every

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from charlstm.config import ModelConfig, TrainConfig  # noqa: E402
 from charlstm.data import Batcher, load_corpus, split  # noqa: E402
 from charlstm.model import init_params  # noqa: E402
-from charlstm.schedule import dropout_at  # noqa: E402
+from charlstm.schedule import dropout_at, lr_at  # noqa: E402
 from charlstm.validate import VAL_MAX_CHARS, validation_loss  # noqa: E402
 
 from tests.conftest import SHAKESPEARE_HEAD, TINY  # noqa: E402
@@ -75,6 +75,16 @@ def test_dropout_ramp_is_charlstms():
     args = SimpleNamespace(dropout=0.3, dropout_warmup=2.5)
     for step in (0, 1, 17, 99, 100, 101, 1000):
         assert peer.dropout_at(args, step, 40) == pytest.approx(dropout_at(cfg, step, 40), abs=1e-15)
+
+
+def test_lr_schedule_is_charlstms():
+    """The peer's defaults are charlstm train's schedule; torch-rnn's steps too."""
+    defaults = peer.parser().parse_args(["train", "corpus.txt"])
+    every = peer.parser().parse_args(["train", "corpus.txt", "--lr-decay", "0.5", "--lr-decay-every", "3"])
+    for epoch in range(20):
+        assert peer.lr_at(defaults, epoch) == pytest.approx(lr_at(TrainConfig(), epoch), rel=1e-15)
+        want = lr_at(TrainConfig(lr_decay=0.5, lr_decay_after=None, lr_decay_every=3), epoch)
+        assert peer.lr_at(every, epoch) == pytest.approx(want, rel=1e-15)
 
 
 @pytest.mark.parametrize("n_val", [1003, 50])

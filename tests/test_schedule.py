@@ -2,8 +2,11 @@
 options refused in one usage line when they do not go together."""
 import pytest
 
+from charlstm.checkpoint import load_checkpoint
 from charlstm.config import TrainConfig
 from charlstm.schedule import dropout_at, lr_at
+
+from tests.conftest import TINY
 
 from tests.test_bad_input import one_line_error
 
@@ -13,7 +16,13 @@ def lrs(cfg, epochs):
 
 
 def test_no_schedule_keeps_lr():
-    assert lrs(TrainConfig(lr=0.02), 30) == [1.0] * 30
+    assert lrs(TrainConfig(lr=0.02, lr_decay_after=None), 30) == [1.0] * 30
+
+
+def test_the_default_decays_by_0_85_from_the_end_of_epoch_7():
+    got = lrs(TrainConfig(), 10)
+    assert got[:7] == [1.0] * 7
+    assert got[7:] == pytest.approx([0.85, 0.85 ** 2, 0.85 ** 3], rel=1e-15)
 
 
 def test_char_rnn_decays_at_every_epoch_end_from_epoch_after():
@@ -27,19 +36,16 @@ def test_char_rnn_decays_at_every_epoch_end_from_epoch_after():
 
 
 def test_torch_rnn_steps_every_n_epochs():
-    got = lrs(TrainConfig(lr=2e-3, lr_decay=0.5, lr_decay_every=5), 16)
+    got = lrs(TrainConfig(lr=2e-3, lr_decay=0.5, lr_decay_after=None, lr_decay_every=5), 16)
     assert got == [1.0] * 5 + [0.5] * 5 + [0.25] * 5 + [0.125]
 
 
 def test_factor_one_is_no_decay():
-    assert lrs(TrainConfig(lr=0.02, lr_decay=1.0, lr_decay_every=1), 5) == [1.0] * 5
+    assert lrs(TrainConfig(lr=0.02, lr_decay=1.0, lr_decay_after=None, lr_decay_every=1), 5) == [1.0] * 5
 
 
 @pytest.mark.parametrize("args, words", [
     (["--lr-decay", "0.5", "--lr-decay-after", "2", "--lr-decay-every", "3"], ["give only one"]),
-    (["--lr-decay", "0.5"], ["--lr-decay needs --lr-decay-after EPOCHS", "--lr-decay-every EPOCHS"]),
-    (["--lr-decay-every", "2"], ["need --lr-decay FACTOR"]),
-    (["--lr-decay-after", "2"], ["need --lr-decay FACTOR"]),
     (["--lr-decay", "0", "--lr-decay-every", "1"], ["'--lr-decay'", "0<x<=1"]),
     (["--lr-decay", "1.5", "--lr-decay-every", "1"], ["'--lr-decay'"]),
     (["--lr-decay", "0.5", "--lr-decay-every", "0"], ["'--lr-decay-every'", "x>=1"]),
@@ -69,3 +75,18 @@ def test_dropout_ramps_up_in_a_straight_line_then_holds():
     assert [dropout_at(cfg, s, per_epoch) for s in (200, 201, 10 ** 6)] == [0.3] * 3
     assert dropout_at(TrainConfig(dropout=0.3, dropout_warmup=0.0), 0, per_epoch) == 0.3
     assert dropout_at(TrainConfig(dropout=0.0, dropout_warmup=5.0), 123, per_epoch) == 0.0
+
+
+@pytest.mark.parametrize("args, schedule", [
+    ([], (0.85, 7, None)),
+    (["--lr-decay", "0.5"], (0.5, 7, None)),
+    (["--lr-decay", "1"], (1.0, 7, None)),
+    (["--lr-decay-after", "2"], (0.85, 2, None)),
+    (["--lr-decay-every", "3"], (0.85, None, 3)),
+    (["--lr-decay", "0.5", "--lr-decay-every", "3"], (0.5, None, 3)),
+])
+def test_options_left_out_take_the_defaults_schedule(tmp_path, corpus, run_cli, args, schedule):
+    result = run_cli("train", corpus, *TINY, *args, "--steps", 1, "--out", tmp_path, "--run", "r", "--quiet")
+    assert result.exit_code == 0, result.output
+    cfg = load_checkpoint(tmp_path / "r" / "latest.npz").train_config
+    assert (cfg.lr_decay, cfg.lr_decay_after, cfg.lr_decay_every) == schedule
