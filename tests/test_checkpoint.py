@@ -17,6 +17,7 @@ from charlstm.checkpoint import (FORMAT, VERSION, CheckpointError, atomic_write,
                                  save_checkpoint)
 from charlstm.config import OPTIMIZER_STATE, ModelConfig, TrainConfig
 from charlstm.model import layout, param_count
+from charlstm.schedule import lr_at
 
 B = 3  # batch_size of the tiny run
 
@@ -354,6 +355,7 @@ def test_a_version_1_file_loads_as_adagrad(tmp_path):
     write_raw(tmp_path / "v1.npz", version_1(manifest, arrays), **arrays)
     ck = load_checkpoint(tmp_path / "v1.npz")
     assert ck.train_config.optim == "adagrad" and ck.train_config.lr_decay == 1.0
+    assert lr_at(ck.train_config, 100) == ck.train_config.lr  # trained without decay, resumes without it
     assert list(ck.optim_state) == ["adagrad"]
     np.testing.assert_array_equal(ck.optim_state["adagrad"], arrays["adagrad"])
     # version 1 knew no other optimizer, nor any array but these

@@ -1,5 +1,6 @@
-"""The lr schedule: its value at epoch boundaries (char-rnn's and torch-rnn's counting), and its
-options refused in one usage line when they do not go together."""
+"""The lr schedule: its value at epoch boundaries (the default's, char-rnn's and torch-rnn's
+counting), the default filling in the options left out, and options refused in one usage line when
+they do not go together."""
 import pytest
 
 from charlstm.checkpoint import load_checkpoint
@@ -7,7 +8,6 @@ from charlstm.config import TrainConfig
 from charlstm.schedule import dropout_at, lr_at
 
 from tests.conftest import TINY
-
 from tests.test_bad_input import one_line_error
 
 
