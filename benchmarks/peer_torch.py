@@ -159,7 +159,7 @@ def lr_at(args, epoch):
 
 
 def optimizer(args, params):
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optim]
+    lr = lr_at(args, 0)  # run() sets each step's from lr_at as well
     if args.optim == "adagrad":  # eps 1e-10 outside the root: charlstm's 1e-20 inside it (optim.py)
         return torch.optim.Adagrad(params, lr=lr)
     if args.optim == "rmsprop":
