@@ -146,9 +146,9 @@ def cell_seconds(recurrent, packed, network, model, B, T, cut, cell, np, rng):
 
     def window():  # forward leaves the gates in A: the next window's input terms are those (same work)
         sync[:, ARRIVED] = 1 << 40
-        recurrent.forward_grid(A, Wh, Wf, peep, hs, cs, tc, scratch, cell, cut.cells, cut.groups, cut.unit_groups,
+        recurrent.forward_grid(A, Wh, Wf, peep, hs, hs, cs, tc, scratch, cell, cut.cells, cut.groups, cut.unit_groups,
                                sync)
-        recurrent.backward_grid(A, cs, tc, peep, Wh, Wb, dH, dA, dh, dc, scratch, cell, cut.cells,
+        recurrent.backward_grid(A, cs, tc, peep, Wh, Wb, dH, dA, dA, dh, dc, scratch, cell, cut.cells,
                                 cut.groups, cut.unit_groups, sync)
     return best_of(window)
 

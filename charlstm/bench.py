@@ -30,7 +30,8 @@ def flops_per_step(hidden, batch_size, seq_length, layers, vocab_size):
     return layers * recurrent + (layers - 1) * recurrent + 3 * 2 * N * V * H
 
 
-def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, warmup=3, dtype="float32"):
+def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, warmup=3, dtype="float32",
+            precision="f32"):
     """chars/s and GFLOP/s of full training steps on successive windows of `ids`, timed for at
     least `seconds` after `warmup` untimed steps."""
     from charlstm.optim import new_state
@@ -41,7 +42,7 @@ def measure(ids, vocab, hidden, batch_size, seq_length, layers, seconds=3.0, war
     cfg = TrainConfig(batch_size=batch_size, seq_length=seq_length)
     params = init_params(model, np.random.default_rng(0), cfg.init)
     grads, optim_state = np.zeros_like(params), new_state(cfg.optim, params)
-    ws = network.Workspace(model, batch_size, seq_length)
+    ws = network.Workspace(model, batch_size, seq_length, precision=precision)
     h = np.zeros((layers, batch_size, hidden), dtype=dtype)
     c = np.zeros_like(h)
     batcher = Batcher(ids, batch_size, seq_length)

@@ -9,7 +9,7 @@ import sys
 import click
 
 from charlstm.config import (DEFAULT_LR, DYNAMIC_ETA, DYNAMIC_LAMBDA, DYNAMIC_SEGMENT, INITS, LR_DECAY,
-                             LR_DECAY_AFTER, OPTIMIZERS, RMS_TEXT_CHARS)
+                             LR_DECAY_AFTER, OPTIMIZERS, PRECISIONS, RMS_TEXT_CHARS)
 
 POSITIVE = click.IntRange(min=1)
 UNIT = click.FloatRange(min=0, max=1, max_open=True)  # [0, 1): RMSprop's alpha, Adam's betas
@@ -257,8 +257,10 @@ def plot(runs, output, x_axis):
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
               help="Time each shape for at least this long (after 3 warm-up steps).")
 @click.option("--threads", type=POSITIVE, help="Threads for kernels and BLAS (default: all cores).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="f32", show_default=True,
+              help="The matrix products' operands: float32, or bfloat16 (docs/engine.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: chars_per_s, gflops.")
-def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, as_json):
+def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, precision, as_json):
     """Time full training steps (forward, backward, clipping, the optimizer) on CORPUS.
 
     Prints chars/s and the achieved GFLOP/s of the useful matrix products. With no shape options
@@ -284,7 +286,7 @@ def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, as_j
         grid = [(hidden or 256, batch_size or 32, seq_length or 64, layers or 1)] if shape_given else GRID
         rows = []
         for H, B, T, L in grid:
-            rows.append(((H, B, T, L), measure(data.ids, data.vocab, H, B, T, L, seconds)))
+            rows.append(((H, B, T, L), measure(data.ids, data.vocab, H, B, T, L, seconds, precision=precision)))
     if as_json:
         result = rows[0][1] if shape_given else [{"hidden": H, "batch_size": B, "seq_length": T, "layers": L, **r}
                                                  for (H, B, T, L), r in rows]

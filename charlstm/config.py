@@ -8,6 +8,9 @@ DynamicConfig the options of `eval --dynamic` and `sample --adapt` (dynamic.py).
 from dataclasses import asdict, dataclass, fields
 
 DTYPES = ("float32", "float64")
+# The matrix products' operands (--precision): float32, or bfloat16 with float32 accumulation
+# (engine/bf16.py); engine/network.py's Workspace takes the same names.
+PRECISIONS = ("f32", "bf16")
 CLIP_MODES = ("value", "norm")
 
 # Each optimizer's state arrays, in checkpoint and checksum order; each has the layout of params.

@@ -96,7 +96,7 @@ class Scorer:
             peep = w.get(f"l{l}.p", self.no_peep)
             Wh, hl, cl, tc = w[f"l{l}.Wh"], h[l], c[l], self.tc[:T]
             team.together(lambda rank, threads, sync: recurrent.forward_grid(
-                A3, Wh, self.Wf, peep, hl.reshape(T + 1, 1, -1), cl.reshape(T + 1, 1, -1), tc.reshape(T, 1, -1),
+                A3, Wh, self.Wf, peep, hl.reshape(T + 1, 1, -1), hl.reshape(T + 1, 1, -1), cl.reshape(T + 1, 1, -1), tc.reshape(T, 1, -1),
                 self.z, rank, threads, 1, self.unit_groups, sync), self.unit_groups)
         self.total += stream_kernels.nll_sum(h[-1, 1:], w["out.W"], w["out.b"], y, self.P[:T])
         self.count += T

@@ -23,7 +23,7 @@ from numba.core.caching import FunctionCache
 from numba.extending import overload
 
 from charlstm.engine import files
-from charlstm.engine.target import SHAPE
+from charlstm.engine.target import BF16_PRODUCT, SHAPE
 
 # One place for the fastmath flags. No `nnan`/`ninf`: the trainer must see NaN and inf.
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
@@ -60,8 +60,9 @@ class _SoftCache(FunctionCache):
     def _index_key(self, sig, codegen):
         # Numba keys an entry on the signature, the target (triple, CPU, features) and the code;
         # the micro-kernel's shape is a Python-level choice it cannot see, and a forced one
-        # (CHARLSTM_KERNEL_SHAPE) must never load kernels compiled for another.
-        return super()._index_key(sig, codegen) + (SHAPE.name,)
+        # (CHARLSTM_KERNEL_SHAPE) must never load kernels compiled for another; nor a forced
+        # bfloat16 product (CHARLSTM_BF16_PRODUCT) kernels packed for the other.
+        return super()._index_key(sig, codegen) + (SHAPE.name, BF16_PRODUCT)
 
     def load_overload(self, sig, target_context):
         try:

@@ -6,9 +6,12 @@ step), with every array preallocated in a Workspace for one (config, B, T).
 import numpy as np
 
 from charlstm.engine import blas  # noqa: F401  (from its import on, BLAS runs on one thread: see blas.py)
-from charlstm.engine import grid, kernels, packed, recurrent
+from charlstm.engine import batched, bf16, grid, kernels, packed, recurrent
 from charlstm.engine.layout import views
+from charlstm.engine.target import BF16_PRODUCT
 from charlstm.engine.threads import team
+
+PRECISIONS = ("f32", "bf16")
 
 
 class Workspace:
@@ -24,12 +27,23 @@ class Workspace:
     With weight drop, `weight_masks` (L, G, H) holds this window's masks on each layer's Wh (the
     caller fills them before forward) and `Wd` (L, G, H) each Wh through its mask, made once per
     window by forward: the Wh the packers read, forward and backward, so a step costs what it did
-    without. Without, both are None."""
+    without. Without, both are None.
 
-    def __init__(self, config, batch_size, seq_length, dropout=False, weight_drop=False):
+    With precision "bf16" the products' operands are bfloat16 (bf16.py): Wf and Wb hold bfloat16
+    (uint16) in the layout of the machine's product (target.BF16_PRODUCT: pairs for dot, singles for
+    widen), `hx` (L, T+1, B, Kx) and `dAx` (T, B, G) are h's and dA's operand copies (bfloat16 bits
+    for dot, rounded float32 for widen; Kx = H, rounded up to even for dot), and the batched
+    products (batched.py) get their operands, packing and padded outputs: `inputs` (N, Kx) the
+    layer below's outputs through dropout, rounded (with dropout; else hx is that); `dAT` (G, Nx)
+    dA transposed; `columns` (Ub, Nx, W) an (N, H) operand packed by columns; `wide` (N, 4*U*W) and
+    `wide_grad` (G, Ub*W) the products' outputs with their pad columns. In float32 hx is h and dAx is
+    dA, and none of the rest exists."""
+
+    def __init__(self, config, batch_size, seq_length, dropout=False, weight_drop=False, precision="f32"):
         L, H, V = config.layers, config.hidden, config.vocab_size
         B, T, G = batch_size, seq_length, 4 * config.hidden
         zeros = lambda *shape: np.zeros(shape, dtype=config.dtype)
+        N = T * B
         self.config, self.B, self.T = config, B, T
         self.gates, self.tc = zeros(L, T, B, G), zeros(L, T, B, H)
         self.h, self.c = zeros(L, T + 1, B, H), zeros(L, T + 1, B, H)
@@ -38,8 +52,28 @@ class Workspace:
         self.dh, self.dc = zeros(B, H), zeros(B, H)
         self.WxT0, self.dWxT0 = zeros(V, G), zeros(V, G)
         self.no_peep = zeros(0)
-        forward_shape, backward_shape, row = packed.packed_shapes(H, config.dtype)
-        self.Wf, self.Wb = zeros(*forward_shape), zeros(*backward_shape)  # the layer's Wh, packed (packed.py)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.precision, self.bf16 = precision, precision == "bf16"
+        dtype = np.float32 if self.bf16 else config.dtype  # bfloat16 accumulates in float32
+        if self.bf16 and np.dtype(config.dtype) != np.float32:
+            raise ValueError("precision bf16 needs a float32 model")
+        forward_shape, backward_shape, row = packed.packed_shapes(H, dtype)
+        if not self.bf16:
+            self.Wf, self.Wb = zeros(*forward_shape), zeros(*backward_shape)  # the layer's Wh, packed (packed.py)
+            self.hx, self.dAx = self.h, self.dA  # the products read h and dA themselves
+        else:
+            pairs = BF16_PRODUCT == "dot"
+            self.pairs, operand = pairs, np.uint16 if pairs else np.float32
+            U, _, _, W = forward_shape
+            Ub = backward_shape[0]
+            Kx, Nx = (H + H % 2, N + N % 2) if pairs else (H, N)
+            self.Wf = np.zeros((U, 4, Kx, W), np.uint16)
+            self.Wb = np.zeros(backward_shape, np.uint16)
+            self.hx, self.dAx = np.zeros((L, T + 1, B, Kx), operand), np.zeros((T, B, G), operand)
+            self.inputs = np.zeros((N, Kx), operand) if dropout else None
+            self.dAT, self.columns = np.zeros((G, Nx), operand), np.zeros((Ub, Nx, W), np.uint16)
+            self.wide, self.wide_grad = np.zeros((N, 4 * U * W), np.float32), np.zeros((G, Ub * W), np.float32)
         self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py)
         self.grid = grid.choose(B, H, config.dtype, team.most)  # how the recurrent loops are cut (grid.py)
         # A weight gradient dZ^T X is cut by positions across the team (_weight_grad): the shares
@@ -94,6 +128,8 @@ def forward(params, ws, x, h0, c0):
             b = w["l0.b"]
             team.run(lambda lo, hi, slot: kernels.gather_input(ws.WxT0, b, x[lo:hi], ws.gates[0, lo:hi]),
                      team.shares(ws.T, -(-SHARE_ROWS // ws.B)))
+        elif ws.bf16:
+            _input_terms_bf16(ws, l, w[f"l{l}.Wx"], w[f"l{l}.b"])
         else:
             X, Wx, b, A = ws.output_up(l - 1), w[f"l{l}.Wx"], w[f"l{l}.b"], ws.gates[l].reshape(N, G)
 
@@ -102,13 +138,34 @@ def forward(params, ws, x, h0, c0):
                 kernels.project_input(X[lo:hi], Wx, b, A[lo:hi])
             _by_rows(N, input_terms)
         ws.h[l, 0], ws.c[l, 0] = h0[l], c0[l]
+        if ws.bf16:
+            bf16.round_rows(ws.h[l, 0], ws.hx[l, 0], 0, ws.B)
         if ws.Wd is not None:  # weight drop: one mask for the whole window, before Wh is packed
             np.multiply(w[f"l{l}.Wh"], ws.weight_masks[l], out=ws.Wd[l])
         Wh, peep = ws.recurrent(l, w[f"l{l}.Wh"]), _peep(w, l, ws)
         cut = ws.grid  # the recurrent grid's cells, each packing a part of Wh first (grid.py)
         team.together(lambda rank, threads, sync: recurrent.forward_grid(
-            ws.gates[l], Wh, ws.Wf, peep, ws.h[l], ws.c[l], ws.tc[l], ws.scratch, rank, threads, cut.groups,
+            ws.gates[l], Wh, ws.Wf, peep, ws.h[l], ws.hx[l], ws.c[l], ws.tc[l], ws.scratch, rank, threads, cut.groups,
             cut.unit_groups, sync), cut.cells)
+
+
+def _input_terms_bf16(ws, l, Wx, b):
+    """Layer l's input terms in bfloat16 (batched.py): its input through the layer below's dropout,
+    rounded (without dropout hx[l-1] already holds it), Wx packed by rows, then the product by
+    rows of positions and the gates put in order with the bias."""
+    N, A = ws.T * ws.B, ws.gates[l].reshape(ws.T * ws.B, -1)
+    U, _, Kx, W = ws.Wf.shape
+    team.run(lambda lo, hi, slot: bf16.pack_rows(Wx, ws.Wf, lo, hi, ws.pairs), team.shares(U, 1))
+    X = ws.hx[l - 1, 1:].reshape(N, Kx) if ws.inputs is None else ws.inputs
+    panels = ws.Wf.reshape(4 * U, Kx, W)
+
+    def share(lo, hi):
+        if ws.inputs is not None:
+            ws.drop(l - 1, lo, hi)
+            bf16.round_rows(ws.output_up(l - 1), ws.inputs, lo, hi)
+        batched.product_rows(X, panels, ws.wide, lo, hi)
+        batched.scatter_gates(ws.wide, b, A, lo, hi, W)
+    _by_rows(N, share)
 
 
 # Positions per share of a batched product, at least: below this BLAS's call costs more than half.
@@ -144,6 +201,35 @@ def _weight_grad(dZ, X, dW, partial, before=None):
     team.run(share, shares)
     for part in parts[1:]:
         dW += part
+
+
+def _weight_grad_bf16(ws, X, dW, transpose):
+    """dW (G, H) = dA^T @ X (N, H) in bfloat16 (batched.py): dA's operand copy transposed into dAT
+    (once per layer: `transpose`), X packed by columns, then the product by rows of dW."""
+    G, Ub = dW.shape[0], ws.columns.shape[0]
+    if transpose:
+        dAx2 = ws.dAx.reshape(-1, G)
+        team.run(lambda lo, hi, slot: batched.transpose_part(dAx2, ws.dAT, lo, hi), team.shares(G, SHARE_COLUMNS))
+    team.run(lambda lo, hi, slot: bf16.pack_columns(X, ws.columns, lo, hi, ws.pairs), team.shares(Ub, 1))
+
+    def share(lo, hi):
+        batched.product_rows(ws.dAT, ws.columns, ws.wide_grad, lo, hi)
+        batched.copy_columns(ws.wide_grad, dW, lo, hi)
+    _by_rows(G, share)
+
+
+def _passed_down_bf16(ws, l, Wx):
+    """The layer below's dloss/dh (N, H) = dA @ Wx in bfloat16, then its dropout: Wx packed by
+    columns (Wb is free: layer l's recurrent backward is done), the product by rows of positions."""
+    N, G = ws.T * ws.B, Wx.shape[0]
+    dH2, dAx2 = ws.dH.reshape(N, -1), ws.dAx.reshape(N, G)
+    team.run(lambda lo, hi, slot: bf16.pack_columns(Wx, ws.Wb, lo, hi, ws.pairs), team.shares(ws.Wb.shape[0], 1))
+
+    def share(lo, hi):
+        batched.product_rows(dAx2, ws.Wb, ws.wide, lo, hi)
+        batched.copy_columns(ws.wide, dH2, lo, hi)
+        ws.drop_grad(l - 1, dH2, lo, hi)
+    _by_rows(N, share)
 
 
 def loss(params, ws, y):
@@ -187,9 +273,12 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
         Wh, peep = ws.recurrent(l, w[f"l{l}.Wh"]), _peep(w, l, ws)
         cut = ws.grid
         team.together(lambda rank, threads, sync: recurrent.backward_grid(
-            ws.gates[l], ws.c[l], ws.tc[l], peep, Wh, ws.Wb, ws.dH, ws.dA, ws.dh, ws.dc, ws.scratch, rank, threads,
-            cut.groups, cut.unit_groups, sync), cut.cells)
-        _weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"], ws.partial)
+            ws.gates[l], ws.c[l], ws.tc[l], peep, Wh, ws.Wb, ws.dH, ws.dA, ws.dAx, ws.dh, ws.dc, ws.scratch, rank,
+            threads, cut.groups, cut.unit_groups, sync), cut.cells)
+        if ws.bf16:
+            _weight_grad_bf16(ws, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"], transpose=True)
+        else:
+            _weight_grad(dA2, ws.h[l, :-1].reshape(N, H), g[f"l{l}.Wh"], ws.partial)
         if ws.Wd is not None:  # forward used Wd = Wh * mask, so dloss/dWh = dloss/dWd * mask
             g[f"l{l}.Wh"] *= ws.weight_masks[l]
         db = g[f"l{l}.b"]
@@ -203,6 +292,9 @@ def backward(params, grads, ws, x, dh0=None, dc0=None, ready=None):
             kernels.peephole_grad(ws.dA, ws.c[l], g[f"l{l}.p"])
         if l == 0:
             kernels.transpose_into(ws.dWxT0, g["l0.Wx"])
+        elif ws.bf16:
+            _weight_grad_bf16(ws, ws.output_up(l - 1), g[f"l{l}.Wx"], transpose=False)
+            _passed_down_bf16(ws, l, w[f"l{l}.Wx"])
         else:
             # The layer below's dloss/dh, from its output's use here: dH = dA @ Wx, then its dropout;
             # cut by positions as Wx's gradient is, so both run in one team call.

@@ -26,8 +26,9 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from charlstm.engine import bf16, products
 from charlstm.engine.jit import kernel
 from charlstm.engine.target import SHAPE
 
@@ -100,80 +101,84 @@ def pack_columns(M, P, lo, hi):
 
 # ---------------------------------------------------------------- the micro-kernel, in LLVM IR
 
-def _emit_block_product(context, builder, sig, args, rows, panels):
-    """out[o + m*rs + p*os + j] = sum_k x[xo + m*xs + k] * w[wo + p*ps + k*W + j] for m < rows,
-    p < panels, j < W, k < K; x, w, out are arrays of one float dtype, the rest int64 element counts."""
-    x_ty, _, _, w_ty, _, _, _, out_ty, _, _, _ = sig.args
-    x_arr, x_off, x_stride, w_arr, w_off, panel_stride, K, out_arr, out_off, out_row_stride, out_panel_stride = args
-    fty = context.get_value_type(x_ty.dtype)
-    size = x_ty.dtype.bitwidth // 8
-    W = VECTOR_BYTES // size
-    vty = ir.VectorType(fty, W)
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                         f"llvm.fma.v{W}f{size * 8}")
+def emit_block_product(context, builder, sig, args, rows, panels, product):
+    """out[o + m*rs + p*os + j] (+)= sum_k x[xo + m*xs + k] * w[wo + p*ps + k*W + j] for m < rows,
+    p < panels, j < W, k < K; x, w, out arrays, the rest int64 element counts, the last (accumulate)
+    nonzero to continue each sum from out's value instead of from zero. `product` (products.py) says
+    what an element is and how one k multiplies and adds."""
+    x_ty, _, _, w_ty, _, _, _, out_ty, _, _, _, _ = sig.args
+    x_arr, x_off, x_stride, w_arr, w_off, panel_stride, K, out_arr, out_off, out_row_stride, out_panel_stride, \
+        accumulate = args
+    vty, size, W = product.vty, product.size, product.W
     x_ptr = context.make_array(x_ty)(context, builder, x_arr).data
     w_ptr = context.make_array(w_ty)(context, builder, w_arr).data
     out_ptr = context.make_array(out_ty)(context, builder, out_arr).data
     i64 = ir.IntType(64)
-    zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * W)
     x_rows = [builder.gep(x_ptr, [builder.add(x_off, builder.mul(x_stride, ir.Constant(i64, m)))]) for m in range(rows)]
     w_panels = [builder.gep(w_ptr, [builder.add(w_off, builder.mul(panel_stride, ir.Constant(i64, p)))])
                 for p in range(panels)]
+    outs = [[builder.bitcast(builder.gep(out_ptr, [builder.add(builder.add(out_off, builder.mul(out_row_stride, ir.Constant(i64, m))),
+                                                               builder.mul(out_panel_stride, ir.Constant(i64, p)))]),
+                             vty.as_pointer()) for p in range(panels)] for m in range(rows)]
+    zero = ir.Constant(vty, [ir.Constant(product.vty.element, 0.0)] * W)
+    # A sum continued from out is the same chain of fmas as one call over both ranges of k: a
+    # float32 stored and loaded is exact.
+    adding = builder.icmp_signed("!=", accumulate, ir.Constant(i64, 0))
+    start = [[builder.select(adding, builder.load(o, align=size), zero) for o in row] for row in outs]
+    steps = product.steps(builder, K)
 
     entry = builder.basic_block
     loop = builder.append_basic_block("k_loop")
     done = builder.append_basic_block("k_done")
-    builder.cbranch(builder.icmp_signed(">", K, ir.Constant(i64, 0)), loop, done)
+    builder.cbranch(builder.icmp_signed(">", steps, ir.Constant(i64, 0)), loop, done)
 
     builder.position_at_end(loop)
     k = builder.phi(i64)
     acc = [[builder.phi(vty) for _ in range(panels)] for _ in range(rows)]
     k.add_incoming(ir.Constant(i64, 0), entry)
-    for row in acc:
-        for a in row:
-            a.add_incoming(zero, entry)
-    kW = builder.mul(k, ir.Constant(i64, W))
-    panel = [builder.load(builder.bitcast(builder.gep(w_panels[p], [kW]), vty.as_pointer()), align=size)
-             for p in range(panels)]
+    for m in range(rows):
+        for p in range(panels):
+            acc[m][p].add_incoming(start[m][p], entry)
+    panel = [product.load_panel(builder, w_panels[p], k) for p in range(panels)]
     new = []
     for m in range(rows):
-        scalar = builder.load(builder.gep(x_rows[m], [k]))
-        splat = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(splat, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W))
-        new.append([builder.call(fma, [splat, panel[p], acc[m][p]]) for p in range(panels)])
+        x = product.load_x(builder, x_rows[m], k)
+        new.append([product.madd(builder, x, panel[p], acc[m][p]) for p in range(panels)])
     k_next = builder.add(k, ir.Constant(i64, 1))
     body_end = builder.basic_block
     k.add_incoming(k_next, body_end)
     for m in range(rows):
         for p in range(panels):
             acc[m][p].add_incoming(new[m][p], body_end)
-    builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
+    builder.cbranch(builder.icmp_signed("<", k_next, steps), loop, done)
 
     builder.position_at_end(done)
     results = []
     for m in range(rows):  # phis first: LLVM wants them at the top of the block
         for p in range(panels):
             result = builder.phi(vty)
-            result.add_incoming(zero, entry)
+            result.add_incoming(start[m][p], entry)
             result.add_incoming(new[m][p], body_end)
             results.append(result)
     for i, result in enumerate(results):
         m, p = divmod(i, panels)
-        at = builder.add(builder.add(out_off, builder.mul(out_row_stride, ir.Constant(i64, m))),
-                         builder.mul(out_panel_stride, ir.Constant(i64, p)))
-        builder.store(result, builder.bitcast(builder.gep(out_ptr, [at]), vty.as_pointer()), align=size)
+        builder.store(result, outs[m][p], align=size)
     return context.get_dummy_value()
 
 
 def _block_product_intrinsic(rows, panels=PANELS):
     @intrinsic
     def block_product_rows(typingctx, x, x_off, x_stride, w, w_off, panel_stride, K, out, out_off, out_row_stride,
-                           out_panel_stride):
-        if not all(isinstance(a, types.Array) and a.dtype == x.dtype for a in (x, w, out)):
+                           out_panel_stride, accumulate):
+        if not all(isinstance(a, types.Array) for a in (x, w, out)) or str(out.dtype) not in ("float32", "float64"):
+            return None
+        product = products.product_class(x, w)
+        if product is None:
             return None
         sig = types.void(x, types.int64, types.int64, w, types.int64, types.int64, types.int64, out, types.int64,
-                         types.int64, types.int64)
-        return sig, lambda context, builder, sig, args: _emit_block_product(context, builder, sig, args, rows, panels)
+                         types.int64, types.int64, types.int64)
+        return sig, lambda context, builder, sig, args: emit_block_product(
+            context, builder, sig, args, rows, panels, product(context, x, VECTOR_BYTES))
     return block_product_rows
 
 
@@ -182,12 +187,14 @@ _row4, _row1 = _block_product_intrinsic(1, 4), _block_product_intrinsic(1, 1)
 
 
 @kernel
-def block_product(x, x_off, x_stride, rows, w, w_off, panel_stride, K, out, out_off, out_row_stride, out_panel_stride):
+def block_product(x, x_off, x_stride, rows, w, w_off, panel_stride, K, out, out_off, out_row_stride, out_panel_stride,
+                  accumulate=0):
     """out[out_off + m*out_row_stride + p*out_panel_stride + j] = sum over k < K of
     x[x_off + m*x_stride + k] * w[w_off + p*panel_stride + k*W + j], for m < rows (1..ROWS),
-    p < PANELS, j < W (module docstring): a block of rows of x times PANELS panels. Offsets and
-    strides count elements of the flat (1-D) arrays; nothing is bounds-checked."""
-    args = (x, x_off, x_stride, w, w_off, panel_stride, K, out, out_off, out_row_stride, out_panel_stride)
+    p < PANELS, j < W (module docstring), added to out's value if `accumulate`: a block of rows of
+    x times PANELS panels. Offsets and strides count elements of the flat (1-D) arrays; nothing
+    is bounds-checked. x and w are float arrays of one dtype, or bfloat16 bits (products.py)."""
+    args = (x, x_off, x_stride, w, w_off, panel_stride, K, out, out_off, out_row_stride, out_panel_stride, accumulate)
     if rows == 8:
         _p8(*args)
     elif rows == 7:
@@ -216,9 +223,49 @@ def row_product(x, x_off, w, w_off, panel_stride, K, out, out_off, out_panel_str
     p = 0
     while p + 4 <= panels:
         _row4(x, x_off, 0, w, w_off + p * panel_stride, panel_stride, K, out, out_off + p * out_panel_stride, 0,
-              out_panel_stride)
+              out_panel_stride, 0)
         p += 4
     while p < panels:
         _row1(x, x_off, 0, w, w_off + p * panel_stride, panel_stride, K, out, out_off + p * out_panel_stride, 0,
-              out_panel_stride)
+              out_panel_stride, 0)
         p += 1
+
+
+# ---------------------------------------------------------------- one call for every precision
+
+def pack_rows_any(M, P, lo, hi, x):
+    """Unit blocks lo..hi-1 of P = M in forward panels (pack_forward) in P's dtype: float as is, or
+    bfloat16 (uint16) rounded, in the layout the product with operand x reads (bf16.py: pairs
+    for bfloat16 x, singles for float32 x)."""
+
+
+@overload(pack_rows_any, inline="always")
+def _pack_rows_any(M, P, lo, hi, x):
+    if P.dtype == types.uint16:
+        pairs = x.dtype == types.uint16
+        return lambda M, P, lo, hi, x: bf16.pack_rows(M, P, lo, hi, pairs)
+    return lambda M, P, lo, hi, x: pack_forward(M, P, lo, hi)
+
+
+def pack_columns_any(M, P, lo, hi, x):
+    """Panels lo..hi-1 of P = the columns of M (pack_columns) in P's dtype, as pack_rows_any."""
+
+
+@overload(pack_columns_any, inline="always")
+def _pack_columns_any(M, P, lo, hi, x):
+    if P.dtype == types.uint16:
+        pairs = x.dtype == types.uint16
+        return lambda M, P, lo, hi, x: bf16.pack_columns(M, P, lo, hi, pairs)
+    return lambda M, P, lo, hi, x: pack_columns(M, P, lo, hi)
+
+
+def to_operand(src, dst, w):
+    """Make dst, the product operand copy of src (n,) float: nothing when the weights w are float
+    (the float product reads src itself: dst is src), else src rounded to bfloat16 (bf16.round_into)."""
+
+
+@overload(to_operand, inline="always")
+def _to_operand(src, dst, w):
+    if w.dtype == types.uint16:
+        return lambda src, dst, w: bf16.round_into(src, dst)
+    return lambda src, dst, w: None

@@ -18,44 +18,46 @@ The math is kernels.py's docstrings' (reference: tests/reference.py).
 from charlstm.engine.barrier import meet
 from charlstm.engine.grid import stream_range, unit_blocks
 from charlstm.engine.jit import inline_kernel, kernel, sigmoid, tanh
-from charlstm.engine.packed import PANELS, ROWS, block_product, pack_columns, pack_forward, row_product
+from charlstm.engine.packed import PANELS, ROWS, block_product, pack_columns_any, pack_rows_any, row_product, to_operand
 
 
 @kernel
-def forward_grid(A, Wh, Wf, peep, h, c, tc, scratch, rank, threads, groups, unit_groups, sync):
+def forward_grid(A, Wh, Wf, peep, h, hx, c, tc, scratch, rank, threads, groups, unit_groups, sync):
     """One layer over the window, this thread's cells of the grid (grid.py): cells rank,
     rank + threads, ... of groups x unit_groups, cell (s, g) = stream group s, unit group g.
 
     A (T, B, G)  in: input term + bias; out: the gates i, f, o, g after their nonlinearity
-    Wh (G, H);  Wf (U, 4, H, W) out: Wh packed (packed.pack_forward), each cell packing a part of its
-        unit group's blocks
+    Wh (G, H);  Wf (U, 4, Kx, W) out: Wh packed (packed.pack_rows_any), each cell packing a part of
+        its unit group's blocks: float as Wh, or bfloat16 (uint16; bf16.py)
     h, c (T+1, B, H)  h[0], c[0] in; h[t+1], c[t+1] out;  tc (T, B, H) out: tanh(c_t)
+    hx (T+1, B, Kx)  h as the product reads it: h itself for float Wf, else rounded to bfloat16
+        (hx[0] in; Kx = H, or H rounded up to even for bfloat16 pairs, its pad zero)
     scratch (B, >= 4 * U * W)  the recurrent products, gate-major per stream: gate q of unit k at
         scratch[s, q * U * W + k]
     sync (groups + 1, SYNC_SIZE)  a meeting counter per stream group, and one for all (_meet)"""
     T, B, G = A.shape
     H = G // 4
-    U, _, _, W = Wf.shape
+    U, _, Kx, W = Wf.shape
     cells = groups * unit_groups
     wf, out, row, width = Wf.reshape(-1), scratch.reshape(-1), scratch.shape[1], U * W
     for cell in range(rank, cells, threads):  # the stream groups split each unit group's packing
         s, g = cell // unit_groups, cell % unit_groups
         b0, b1 = unit_blocks(g, unit_groups, U, PANELS)
-        pack_forward(Wh, Wf, b0 + s * (b1 - b0) // groups, b0 + (s + 1) * (b1 - b0) // groups)
+        pack_rows_any(Wh, Wf, b0 + s * (b1 - b0) // groups, b0 + (s + 1) * (b1 - b0) // groups, hx)
     first = 0
     if groups > 1:  # a unit group's slice was packed by every stream group's cell: all must be done
         first = 1
         if not meet(sync[groups], 1, threads):
             return
     for t in range(T):
-        ht = h[t].reshape(-1)
+        ht = hx[t].reshape(-1)
         for cell in range(rank, cells, threads):
             s, g = cell // unit_groups, cell % unit_groups
             lo, hi = stream_range(s, groups, B)
             b0, b1 = unit_blocks(g, unit_groups, U, PANELS)
             if hi - lo == 1:  # one row: the one-row kernel keeps a unit block's 4 panels in flight
                 for u in range(b0, b1):
-                    row_product(ht, lo * H, wf, u * 4 * H * W, H * W, H, out, lo * row + u * W, width, 4)
+                    row_product(ht, lo * Kx, wf, u * 4 * Kx * W, Kx * W, Kx, out, lo * row + u * W, width, 4)
             else:
                 # Panel pairs outside, stream blocks inside: a pair (2 x H x W, 32 KB at H = 256 in
                 # float32) stays in L1 while every block of the cell's streams reads it.
@@ -64,11 +66,13 @@ def forward_grid(A, Wh, Wf, peep, h, c, tc, scratch, rank, threads, groups, unit
                     to = (p % 4) * width + (p // 4) * W
                     for b in range(blocks):
                         s0, rows = _block(lo, hi, blocks, b)
-                        block_product(ht, s0 * H, H, rows, wf, p * H * W, H * W, H, out, s0 * row + to, row, width)
+                        block_product(ht, s0 * Kx, Kx, rows, wf, p * Kx * W, Kx * W, Kx, out, s0 * row + to, row,
+                                      width)
             units_lo, units_hi = min(b0 * W, H), min(b1 * W, H)
             for st in range(lo, hi):
                 cell_units(A[t, st], scratch[st], width, peep, c[t, st], c[t + 1, st], h[t + 1, st], tc[t, st],
                            units_lo, units_hi)
+                to_operand(h[t + 1, st, units_lo:units_hi], hx[t + 1, st, units_lo:units_hi], Wf)
         if not _meet(sync, t + 1, first, rank, threads, groups, unit_groups):  # step t+1 reads all of h_t
             return
 
@@ -140,13 +144,15 @@ def _cell_peep(gate_views, state_views, p_i, p_f, p_o):
 
 
 @kernel
-def backward_grid(gates, c, tc, peep, Wh, Wb, dH, dA, dh, dc, scratch, rank, threads, groups, unit_groups, sync):
+def backward_grid(gates, c, tc, peep, Wh, Wb, dH, dA, dAx, dh, dc, scratch, rank, threads, groups, unit_groups,
+                  sync):
     """Truncated BPTT through one layer over the window, t = T-1 down to 0, this thread's cells of
     the grid (as forward_grid).
 
-    Wh (G, H);  Wb (Ub, G, W) out: Wh packed by columns (packed.pack_columns)
+    Wh (G, H);  Wb (Ub, G, W) out: Wh packed by columns (packed.pack_columns_any), float or bfloat16
     dH (T, B, H)  in: dloss/dh_t from above; out: the total dloss/dh_t
     dA (T, B, G)  out: dloss/d(gate pre-activations)
+    dAx (T, B, G) out: dA as the product reads it (dA itself for float Wb, else rounded to bfloat16)
     dh, dc (B, H) in: the gradient arriving from after the window; out: dloss/dh_0, dloss/dc_0
     scratch (B, >= Ub * W)  dloss/dh_t through Wh per stream
     Step t's dloss/dh_t from step t+1 is dA[t+1] @ Wh, made for the cell's streams and units,
@@ -159,7 +165,7 @@ def backward_grid(gates, c, tc, peep, Wh, Wb, dH, dA, dh, dc, scratch, rank, thr
     for cell in range(rank, cells, threads):
         s, g = cell // unit_groups, cell % unit_groups
         b0, b1 = unit_blocks(g, unit_groups, Ub, PANELS)
-        pack_columns(Wh, Wb, b0 + s * (b1 - b0) // groups, b0 + (s + 1) * (b1 - b0) // groups)
+        pack_columns_any(Wh, Wb, b0 + s * (b1 - b0) // groups, b0 + (s + 1) * (b1 - b0) // groups, dAx)
     first = 0
     if groups > 1:
         first = 1
@@ -172,13 +178,16 @@ def backward_grid(gates, c, tc, peep, Wh, Wb, dH, dA, dh, dc, scratch, rank, thr
             b0, b1 = unit_blocks(g, unit_groups, Ub, PANELS)
             units_lo, units_hi = min(b0 * W, H), min(b1 * W, H)
             if t < T - 1:
-                _dh_products(dA[t + 1], lo, hi, wb, b0, b1, W, G, scratch)
+                _dh_products(dAx[t + 1], lo, hi, wb, b0, b1, W, G, scratch)
             else:  # from after the window: the dh given
                 for st in range(lo, hi):
                     scratch[st, units_lo:units_hi] = dh[st, units_lo:units_hi]
             for st in range(lo, hi):
                 cell_grad_units(gates[t, st], dA[t, st], peep, c[t, st], tc[t, st], dH[t, st], dc[st], scratch[st],
                                 units_lo, units_hi)
+                for q in range(4):
+                    to_operand(dA[t, st, q * H + units_lo:q * H + units_hi], dAx[t, st, q * H + units_lo:q * H + units_hi],
+                               Wb)
         if not _meet(sync, T - t, first, rank, threads, groups, unit_groups):
             return
     for cell in range(rank, cells, threads):  # dloss/dh_0 = dA[0] @ Wh, for the caller
@@ -186,7 +195,7 @@ def backward_grid(gates, c, tc, peep, Wh, Wb, dH, dA, dh, dc, scratch, rank, thr
         lo, hi = stream_range(s, groups, B)
         b0, b1 = unit_blocks(g, unit_groups, Ub, PANELS)
         units_lo, units_hi = min(b0 * W, H), min(b1 * W, H)
-        _dh_products(dA[0], lo, hi, wb, b0, b1, W, G, scratch)
+        _dh_products(dAx[0], lo, hi, wb, b0, b1, W, G, scratch)
         for st in range(lo, hi):
             dh[st, units_lo:units_hi] = scratch[st, units_lo:units_hi]
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from charlstm.engine.barrier import meet
 from charlstm.engine.jit import inline_kernel, kernel
-from charlstm.engine.packed import row_product
+from charlstm.engine.packed import row_product, to_operand
 from charlstm.engine.recurrent import cell_units
 
 
@@ -54,6 +54,10 @@ def step_share(Wf, v, a, peep, c_prev, c_new, tc, h_new, z, share, shares):
     for u in range(u0, u0 + units):  # the unit block's 4 gate panels in one call
         row_product(v, 0, wf, u * 4 * Kmax * W, Kmax * W, K, z, u * W, width, 4)
     cell_units(a, z, width, peep, c_prev, c_new, h_new, tc, lo, hi)
+    # bfloat16 weights (uint16 Wf, bf16.py's singles: the Widen product): h_t is only ever a
+    # product's operand (the next char's, the layer above's, the output layer's), so it is
+    # rounded to bfloat16 in place; float weights leave it as it is.
+    to_operand(h_new[lo:hi], h_new[lo:hi], Wf)
 
 
 # ---------------------------------------------------------------- sampling's entry point (Team.together)

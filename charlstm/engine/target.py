@@ -21,6 +21,12 @@ same). From those two this module picks:
   the spin-wait hint (barrier.py): x86 `pause`, AArch64 `yield`, nothing elsewhere.
   the call that gives a core away (barrier.py): sched_yield (POSIX) or SwitchToThread (Windows).
 
+  the bfloat16 product (products.py): Dot (vdpbf16ps) where the features include avx512bf16,
+      Widen (bfloat16 storage widened to float32 in registers) everywhere else. The choice is
+      made here, from the features LLVM compiles for, before any kernel compiles, so no kernel is
+      ever compiled for an instruction its CPU lacks. AMX tiles and ARM's BFDOT/BFMMLA are not
+      built yet: AMX Xeons and BF16 ARM cores take Widen (docs/engine.md).
+
 CHARLSTM_KERNEL_SHAPE=avx512|avx2|neon|generic forces a shape (for tests: every shape runs on any
 x86-64 machine, since the IR is portable and LLVM legalises wider vectors into narrower ones).
 """
@@ -88,6 +94,33 @@ def _shape():
 
 
 SHAPE = _shape()
+
+BF16_PRODUCTS = ("dot", "widen")
+
+
+def choose_bf16_product(arch, feature_names):
+    """'dot' or 'widen' for an architecture and its feature names (pure, for tests)."""
+    if arch == "x86_64" and {"avx512f", "avx512bf16"} <= feature_names:
+        return "dot"
+    return "widen"
+
+
+def _bf16_product():
+    """The machine's bfloat16 product; CHARLSTM_BF16_PRODUCT=widen forces the storage path (tests
+    run it on a machine that has Dot). Forcing dot where the features lack avx512bf16 is refused:
+    LLVM would be asked for an instruction the CPU cannot run."""
+    best = choose_bf16_product(architecture(), features())
+    forced = os.environ.get("CHARLSTM_BF16_PRODUCT")
+    if forced:
+        if forced not in BF16_PRODUCTS:
+            raise ValueError(f"CHARLSTM_BF16_PRODUCT={forced}: expected one of {', '.join(BF16_PRODUCTS)}")
+        if forced == "dot" and best != "dot":
+            raise ValueError("CHARLSTM_BF16_PRODUCT=dot: this CPU has no avx512bf16")
+        return forced
+    return best
+
+
+BF16_PRODUCT = _bf16_product()
 
 # ---------------------------------------------------------------- spinning and yielding
 

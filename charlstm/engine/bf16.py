@@ -1,0 +1,123 @@
+"""bfloat16 operands: rounding float32 to bfloat16, and the weights packed as bfloat16 for the
+micro-kernel's bfloat16 products (products.py: Widen and Dot).
+
+A bfloat16 is the upper 16 bits of a float32 (sign, the 8-bit exponent, 7 bits of mantissa), held
+here in uint16 arrays (NumPy has no bfloat16). Rounding is to nearest, ties to even, as
+`vcvtne2ps2bf16` and PyTorch round; a NaN stays a (quiet) NaN and a value past bfloat16's largest
+rounds to inf, as IEEE rounding does.
+
+Only the operands of the matrix products are rounded (the weights once per window when packed,
+h and the layers' inputs as they are made, the gate gradients as the backward makes them); the
+accumulators, gates, cell state, gradients, master weights and optimizer state stay float32.
+
+The two layouts of a packed operand, both shaped as packed.py's float32 packing with W float32
+lanes (so every offset computed for one serves the other):
+    singles (Widen)  panel[k, j] = element (k, j), as float32's packing
+    pairs (Dot)      panel rows 2*k2 and 2*k2+1 hold pairs: flat[k2*2W + 2j + e] = element (2*k2+e, j),
+                     K even (an odd K gets a zero row)
+"""
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from charlstm.engine.jit import FASTMATH, inline_kernel, kernel
+
+
+@intrinsic
+def float_bits(typingctx, x):
+    """The 32 bits of a float32, as a uint32."""
+    if x != types.float32:
+        return None
+    return types.uint32(x), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+
+
+@intrinsic
+def bits_float(typingctx, b):
+    """The float32 whose 32 bits are the low 32 bits of the unsigned integer b (Numba widens
+    uint32 arithmetic to 64 bits)."""
+    if not isinstance(b, types.Integer) or b.signed or b.bitwidth < 32:
+        return None
+
+    def emit(context, builder, sig, args):
+        bits = args[0] if b.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(bits, ir.FloatType())
+    return types.float32(b), emit
+
+
+@inline_kernel
+def round_bits(x):
+    """float32 x to bfloat16, to nearest with ties to even: its 16 bits as a uint32 (< 2**16)."""
+    b = float_bits(x)
+    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep it one, quiet
+        return (b >> np.uint32(16)) | np.uint32(0x40)
+    return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+@inline_kernel
+def widen(bits):
+    """A bfloat16's bits (uint16 or uint32 < 2**16) as the float32 it stands for."""
+    return bits_float(np.uint64(bits) << np.uint64(16))
+
+
+def round_into(src, dst):
+    """dst (n,) = src (n,) float32 rounded to bfloat16: the bits into a uint16 dst (the Dot
+    product's operands), the rounded value into a float32 one (the Widen product's x)."""
+
+
+@overload(round_into, inline="always", jit_options={"fastmath": set(FASTMATH), "error_model": "numpy"})
+def _round_into_impl(src, dst):
+    if dst.dtype == types.uint16:
+        def into_bits(src, dst):
+            for j in range(src.shape[0]):
+                dst[j] = np.uint16(round_bits(src[j]))
+        return into_bits
+
+    def into_values(src, dst):
+        for j in range(src.shape[0]):
+            dst[j] = widen(round_bits(src[j]))
+    return into_values
+
+
+@kernel
+def round_rows(src, dst, lo, hi):
+    """Rows lo..hi-1 of dst (R, >= C) = src (R, C) float32 rounded (round_into); any columns of dst
+    past C (an odd K's pad) are zeroed."""
+    C = src.shape[1]
+    for r in range(lo, hi):
+        round_into(src[r], dst[r, :C])
+        dst[r, C:] = 0
+
+
+@kernel
+def pack_rows(M, P, lo, hi, pairs):
+    """Unit blocks lo..hi-1 of P (U, 4, Kx, W) uint16 = M (4H, K) float32 rounded, in forward panels
+    (packed.pack_forward's order: panel (u, q) holds rows q*H + u*W .. + W of M, gate q of unit block
+    u), in pairs or singles (module docstring). Units past H and columns past K are zero."""
+    _, _, Kx, W = P.shape
+    H, K = M.shape[0] // 4, M.shape[1]
+    for u in range(lo, hi):
+        for q in range(4):
+            flat = P[u, q].reshape(-1)
+            for j in range(W):
+                unit = u * W + j
+                for k in range(Kx):
+                    at = (k >> 1) * 2 * W + 2 * j + (k & 1) if pairs else k * W + j
+                    flat[at] = np.uint16(round_bits(M[q * H + unit, k])) if unit < H and k < K else 0
+    return P
+
+
+@kernel
+def pack_columns(M, P, lo, hi, pairs):
+    """Panels lo..hi-1 of P (Cb, Kx, W) uint16 = the columns of M (K, C) float32 rounded
+    (packed.pack_columns's order: P[u, k, j] = M[k, u*W + j]), in pairs or singles; zero past C and K."""
+    _, Kx, W = P.shape
+    K, C = M.shape
+    for u in range(lo, hi):
+        flat = P[u].reshape(-1)
+        for k in range(Kx):
+            for j in range(W):
+                at = (k >> 1) * 2 * W + 2 * j + (k & 1) if pairs else k * W + j
+                unit = u * W + j
+                flat[at] = np.uint16(round_bits(M[k, unit])) if unit < C and k < K else 0
+    return P
