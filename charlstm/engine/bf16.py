@@ -93,31 +93,50 @@ def round_rows(src, dst, lo, hi):
 def pack_rows(M, P, lo, hi, pairs):
     """Unit blocks lo..hi-1 of P (U, 4, Kx, W) uint16 = M (4H, K) float32 rounded, in forward panels
     (packed.pack_forward's order: panel (u, q) holds rows q*H + u*W .. + W of M, gate q of unit block
-    u), in pairs or singles (module docstring). Units past H and columns past K are zero."""
+    u), in pairs or singles (module docstring). Units past H and columns past K are zero. Row by
+    row of M: its reads stream, and the panel's lines stay in L1 across a block's W rows."""
     _, _, Kx, W = P.shape
     H, K = M.shape[0] // 4, M.shape[1]
     for u in range(lo, hi):
         for q in range(4):
             flat = P[u, q].reshape(-1)
-            for j in range(W):
-                unit = u * W + j
-                for k in range(Kx):
-                    at = (k >> 1) * 2 * W + 2 * j + (k & 1) if pairs else k * W + j
-                    flat[at] = np.uint16(round_bits(M[q * H + unit, k])) if unit < H and k < K else 0
+            flat[:] = 0
+            for j in range(min(W, H - u * W)):
+                row = M[q * H + u * W + j]
+                if pairs:
+                    for k in range(K):
+                        flat[(k >> 1) * 2 * W + 2 * j + (k & 1)] = np.uint16(round_bits(row[k]))
+                else:
+                    for k in range(K):
+                        flat[k * W + j] = np.uint16(round_bits(row[k]))
     return P
 
 
 @kernel
 def pack_columns(M, P, lo, hi, pairs):
     """Panels lo..hi-1 of P (Cb, Kx, W) uint16 = the columns of M (K, C) float32 rounded
-    (packed.pack_columns's order: P[u, k, j] = M[k, u*W + j]), in pairs or singles; zero past C and K."""
+    (packed.pack_columns's order: P[u, k, j] = M[k, u*W + j]), in pairs or singles; zero past C
+    and K. A panel row is W contiguous elements of M's row (two rows, interleaved, for pairs)."""
     _, Kx, W = P.shape
     K, C = M.shape
     for u in range(lo, hi):
         flat = P[u].reshape(-1)
-        for k in range(Kx):
-            for j in range(W):
-                at = (k >> 1) * 2 * W + 2 * j + (k & 1) if pairs else k * W + j
-                unit = u * W + j
-                flat[at] = np.uint16(round_bits(M[k, unit])) if unit < C and k < K else 0
+        flat[:] = 0
+        n = min(W, C - u * W)  # the panel's real columns
+        if pairs:
+            for k2 in range(K // 2):
+                even, odd = M[2 * k2, u * W:u * W + n], M[2 * k2 + 1, u * W:u * W + n]
+                out = flat[k2 * 2 * W:k2 * 2 * W + 2 * n]
+                for j in range(n):
+                    out[2 * j] = np.uint16(round_bits(even[j]))
+                    out[2 * j + 1] = np.uint16(round_bits(odd[j]))
+            if K % 2:  # the last row pairs with the zero pad
+                last, out = M[K - 1, u * W:u * W + n], flat[(K // 2) * 2 * W:]
+                for j in range(n):
+                    out[2 * j] = np.uint16(round_bits(last[j]))
+        else:
+            for k in range(K):
+                row, out = M[k, u * W:u * W + n], flat[k * W:k * W + n]
+                for j in range(n):
+                    out[j] = np.uint16(round_bits(row[j]))
     return P

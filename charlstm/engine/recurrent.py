@@ -18,7 +18,7 @@ The math is kernels.py's docstrings' (reference: tests/reference.py).
 from charlstm.engine.barrier import meet
 from charlstm.engine.grid import stream_range, unit_blocks
 from charlstm.engine.jit import inline_kernel, kernel, sigmoid, tanh
-from charlstm.engine.packed import PANELS, ROWS, block_product, pack_columns_any, pack_rows_any, row_product, to_operand
+from charlstm.engine.packed import PANELS, pack_columns_any, pack_rows_any, row_product, rows_times_pair, to_operand
 
 
 @kernel
@@ -59,15 +59,11 @@ def forward_grid(A, Wh, Wf, peep, h, hx, c, tc, scratch, rank, threads, groups, 
                 for u in range(b0, b1):
                     row_product(ht, lo * Kx, wf, u * 4 * Kx * W, Kx * W, Kx, out, lo * row + u * W, width, 4)
             else:
-                # Panel pairs outside, stream blocks inside: a pair (2 x H x W, 32 KB at H = 256 in
-                # float32) stays in L1 while every block of the cell's streams reads it.
-                blocks = -(-(hi - lo) // ROWS)
+                # Panel pairs outside, stream blocks inside: a pair's chunk stays in L1 while every
+                # block of the cell's streams reads it (packed.rows_times_pair).
                 for p in range(4 * b0, 4 * b1, PANELS):  # panel p: unit block p // 4, gate p % 4
-                    to = (p % 4) * width + (p // 4) * W
-                    for b in range(blocks):
-                        s0, rows = _block(lo, hi, blocks, b)
-                        block_product(ht, s0 * Kx, Kx, rows, wf, p * Kx * W, Kx * W, Kx, out, s0 * row + to, row,
-                                      width)
+                    rows_times_pair(ht, lo, hi, Kx, Kx, wf, p * Kx * W, out, (p % 4) * width + (p // 4) * W, row,
+                                    width)
             units_lo, units_hi = min(b0 * W, H), min(b1 * W, H)
             for st in range(lo, hi):
                 cell_units(A[t, st], scratch[st], width, peep, c[t, st], c[t + 1, st], h[t + 1, st], tc[t, st],
@@ -208,21 +204,8 @@ def _dh_products(dA_t, lo, hi, wb, b0, b1, W, G, scratch):
     if hi - lo == 1:
         row_product(flat, lo * G, wb, b0 * G * W, G * W, G, out, lo * row + b0 * W, W, b1 - b0)
         return
-    blocks = -(-(hi - lo) // ROWS)
     for u in range(b0, b1, PANELS):
-        for b in range(blocks):
-            s0, rows = _block(lo, hi, blocks, b)
-            block_product(flat, s0 * G, G, rows, wb, u * G * W, G * W, G, out, s0 * row + u * W, row, W)
-
-
-@inline_kernel
-def _block(lo, hi, blocks, b):
-    """The first stream and the row count of block b of `blocks` near-equal blocks of lo..hi-1.
-    Even blocks, not full ones and a remainder: a call's fma chains are 2 x rows long, and 1 or 2
-    rows cannot hide the fma latency (25 streams ran as 8+8+8+1 at 77 GFLOP/s, 32 as 4 x 8 at 93)."""
-    n = hi - lo
-    first = lo + b * n // blocks
-    return first, lo + (b + 1) * n // blocks - first
+        rows_times_pair(flat, lo, hi, G, G, wb, u * G * W, out, u * W, row, W)
 
 
 @inline_kernel
