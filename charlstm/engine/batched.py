@@ -13,6 +13,7 @@ block of rows reads it (packed.rows_times_pair: each block continues its sums fr
 chain of fmas as one call). Every output is one chain in k order, whichever thread and rows cut
 holds it, so the bytes do not depend on the thread count.
 """
+from charlstm.engine.bf16 import transpose_block
 from charlstm.engine.jit import kernel
 from charlstm.engine.packed import PANELS, rows_times_pair
 
@@ -56,16 +57,8 @@ def copy_columns(wide, out, lo, hi):
 
 @kernel
 def transpose_part(src, dst, lo, hi):
-    """Rows lo..hi-1 of dst (C, >= R) = columns lo..hi-1 of src (R, C); dst's columns past R zeroed.
-    In tiles of 32 x 32: a tile's reads and writes stay in L1, and each write is a whole line."""
-    R = src.shape[0]
-    for r0 in range(0, R, 32):
-        r1 = min(r0 + 32, R)
-        for c0 in range(lo, hi, 32):
-            c1 = min(c0 + 32, hi)
-            for col in range(c0, c1):
-                out = dst[col, r0:r1]
-                for r in range(r1 - r0):
-                    out[r] = src[r0 + r, col]
+    """Rows lo..hi-1 of dst (C, >= R) = columns lo..hi-1 of src (R, C); dst's columns past R zeroed."""
+    R, C = src.shape
+    transpose_block(src.reshape(-1), 0, C, R, lo, hi, dst.reshape(-1), 0, dst.shape[1])
     for col in range(lo, hi):
         dst[col, R:] = 0

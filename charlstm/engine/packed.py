@@ -183,7 +183,10 @@ def _block_product_intrinsic(rows, panels=PANELS):
 
 
 _p1, _p2, _p3, _p4, _p5, _p6, _p7, _p8 = [_block_product_intrinsic(rows) for rows in range(1, 9)]
-_row4, _row1 = _block_product_intrinsic(1, 4), _block_product_intrinsic(1, 1)
+_row8, _row4, _row1 = _block_product_intrinsic(1, 8), _block_product_intrinsic(1, 4), _block_product_intrinsic(1, 1)
+# One row's widest call: 8 panels (8 accumulators, 8 panel vectors and the broadcast) where the
+# target names 32 vector registers, else 4.
+ROW_PANELS = 8 if SHAPE.registers >= 32 else 4
 
 
 @kernel
@@ -248,11 +251,16 @@ def row_block(lo, hi, blocks, b):
 @kernel
 def row_product(x, x_off, w, w_off, panel_stride, K, out, out_off, out_panel_stride, panels):
     """out[out_off + p*out_panel_stride + j] = sum over k < K of x[x_off + k] * w[w_off + p*panel_stride + k*W + j]
-    for p < panels, j < W: one row of x (one stream's step) times `panels` panels, 4 a call while
-    they last. One row has no rows to share a panel's load, so a call keeps 4 panels' fma chains
-    in flight instead; a step is then bound by how fast the panels stream in from L2. Each panel's
-    sum is one chain in k order, whichever call holds it."""
+    for p < panels, j < W: one row of x (one stream's step) times `panels` panels, ROW_PANELS (then
+    4) a call while they last. One row has no rows to share a panel's load, so a call keeps its
+    panels' fma chains in flight instead: with 4, the backward's long chains (k < G) waited on the
+    latency of vdpbf16ps; with 8 a step is bound by how fast the panels stream in from L2. Each
+    panel's sum is one chain in k order, whichever call holds it."""
     p = 0
+    while ROW_PANELS == 8 and p + 8 <= panels:
+        _row8(x, x_off, 0, w, w_off + p * panel_stride, panel_stride, K, out, out_off + p * out_panel_stride, 0,
+              out_panel_stride, 0)
+        p += 8
     while p + 4 <= panels:
         _row4(x, x_off, 0, w, w_off + p * panel_stride, panel_stride, K, out, out_off + p * out_panel_stride, 0,
               out_panel_stride, 0)
