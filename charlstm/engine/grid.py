@@ -25,7 +25,10 @@ THE COST MODEL. Per step, one cell with r = ceil(B / groups) streams and n = its
     gates     r * n * GATE_NS + r * ROW_NS
     meeting   MEET_NS + MEET_NS_PER_THREAD * unit_groups, when unit_groups > 1
 
-and the grid with the least step time wins, the fewer cells on a tie within TIE (a cell that
+In bfloat16 (network.Workspace's precision) a weight is 2 bytes and, with the Dot product, a
+vector instruction makes two multiply-adds a lane (products.py); the constants are float32's.
+
+The grid with the least step time wins, the fewer cells on a tie within TIE (a cell that
 costs nothing measurable is a thread that can only lose its core). The constants are per core,
 measured on the 2-core AMD EPYC Zen 4 of 2026-12-07 with benchmarks/cores.py, which times one
 cell of each chosen cut alone on one core against this model; they set the ratios between
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from charlstm.engine.jit import inline_kernel
-from charlstm.engine.target import SHAPE
+from charlstm.engine.target import BF16_PRODUCT, SHAPE
 
 # ---- the cost model's constants (module docstring): one core, nanoseconds, float32 lanes
 FMA_RATE = 2.8  # vector fmas per ns at full chains: one 512-bit fma a cycle (Zen 4 splits it in two) at ~2.8 GHz
@@ -72,21 +75,31 @@ class Grid:
         return f"{self.groups}x{self.unit_groups}"
 
 
+def _widths(dtype):
+    """(accumulator lanes a vector, bytes a weight, vector instructions an fma of float32 lanes
+    costs) for the products' dtype: "bfloat16" is bfloat16 weights into float32 lanes, half an
+    instruction a multiply-add with the Dot product (two a lane), one with Widen (products.py)."""
+    if str(dtype) == "bfloat16":
+        return SHAPE.vector_bytes // 4, 2, 0.5 if BF16_PRODUCT == "dot" else 1.0
+    itemsize = np.dtype(dtype).itemsize
+    return SHAPE.vector_bytes // itemsize, itemsize, itemsize / 4  # float64 lanes are half as many per fma
+
+
 def unit_pairs(H, dtype):
     """The unit groups a layer of H units can have at most: its unit blocks (packed.py's panels of
     LANES units) in runs of PANELS."""
-    lanes = SHAPE.vector_bytes // np.dtype(dtype).itemsize
+    lanes = _widths(dtype)[0]
     return -(-(-(-H // lanes)) // SHAPE.panels)
 
 
 def cell_cost(B, H, dtype, grid):
-    """The model's step time in ns of the busiest cell of `grid` (module docstring), and its parts."""
-    itemsize = np.dtype(dtype).itemsize
-    lanes = SHAPE.vector_bytes // itemsize
+    """The model's step time in ns of the busiest cell of `grid` (module docstring), and its parts.
+    dtype is the products': "float32", "float64" or "bfloat16" (network.Workspace's precision)."""
+    lanes, itemsize, per_fma = _widths(dtype)
     pairs = unit_pairs(H, dtype)
     r = -(-B // grid.groups)
     n = min(-(-pairs // grid.unit_groups) * SHAPE.panels * lanes, H)
-    fmas = r * H * 4 * n / lanes * (itemsize / 4)  # float64 lanes are half as many per fma
+    fmas = r * H * 4 * n / lanes * per_fma
     if r == 1:
         chains = 4
     else:

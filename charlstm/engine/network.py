@@ -75,7 +75,8 @@ class Workspace:
             self.dAT, self.columns = np.zeros((G, Nx), operand), np.zeros((Ub, Nx, W), np.uint16)
             self.wide, self.wide_grad = np.zeros((N, 4 * U * W), np.float32), np.zeros((G, Ub * W), np.float32)
         self.scratch = zeros(B, row)  # each stream's recurrent product (recurrent.py)
-        self.grid = grid.choose(B, H, config.dtype, team.most)  # how the recurrent loops are cut (grid.py)
+        # how the recurrent loops are cut (grid.py), from what the products read
+        self.grid = grid.choose(B, H, "bfloat16" if self.bf16 else config.dtype, team.most)
         # A weight gradient dZ^T X is cut by positions across the team (_weight_grad): the shares
         # after the first sum into these, one each, and are added in order.
         self.partial, self.partial_out = zeros(team.most - 1, G, H), zeros(team.most - 1, V, H)
