@@ -21,8 +21,9 @@ same). From those two this module picks:
   the spin-wait hint (barrier.py): x86 `pause`, AArch64 `yield`, nothing elsewhere.
   the call that gives a core away (barrier.py): sched_yield (POSIX) or SwitchToThread (Windows).
 
-  the bfloat16 product (products.py): Dot (vdpbf16ps) where the features include avx512bf16,
-      Widen (bfloat16 storage widened to float32 in registers) everywhere else. The choice is
+  the bfloat16 product (products.py): Dot (vdpbf16ps) where the features include avx512bf16 and
+      not AMX (Zen 4/5, Cooper Lake), Widen (bfloat16 storage widened to float32 in registers)
+      everywhere else. The choice is
       made here, from the features LLVM compiles for, before any kernel compiles, so no kernel is
       ever compiled for an instruction its CPU lacks. AMX tiles and ARM's BFDOT/BFMMLA are not
       built yet: AMX Xeons and BF16 ARM cores take Widen (docs/engine.md).
@@ -99,8 +100,10 @@ BF16_PRODUCTS = ("dot", "widen")
 
 
 def choose_bf16_product(arch, feature_names):
-    """'dot' or 'widen' for an architecture and its feature names (pure, for tests)."""
-    if arch == "x86_64" and {"avx512f", "avx512bf16"} <= feature_names:
+    """'dot' or 'widen' for an architecture and its feature names (pure, for tests). An Intel core
+    with AMX runs vdpbf16ps as 4 uops, at 0.5-0.9x its float32 fma (issue #32's measurements): there
+    only AMX tiles would pay, and until they are built Widen's bytes are the gain."""
+    if arch == "x86_64" and {"avx512f", "avx512bf16"} <= feature_names and "amx-bf16" not in feature_names:
         return "dot"
     return "widen"
 
