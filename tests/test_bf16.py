@@ -252,11 +252,11 @@ def test_block_product_matches_the_emulation(product, rows, accumulate):
     assert np.array_equal(out[~written], start[~written] if accumulate else 0 * start[~written])
 
 
-@pytest.mark.parametrize("panels", [1, 3, 4, 9])
+@pytest.mark.parametrize("panels", [1, 3, 4, 8, 9, 13])
 @pytest.mark.parametrize("product", PRODUCTS)
 def test_row_product_matches_the_emulation(product, panels):
-    """The one-row kernel (4 panels a call, then 1s) at offsets and strides; K odd for Widen, and
-    for Dot an odd K padded with a zero as the packers pad it."""
+    """The one-row kernel (its widest calls first, then 4s, then 1s) at offsets and strides; K odd
+    for Widen, and for Dot an odd K padded with a zero as the packers pad it."""
     needs(product)
     rng = np.random.default_rng(panels)
     K = 37 + (product == "dot")
@@ -270,6 +270,28 @@ def test_row_product_matches_the_emulation(product, panels):
     for p in range(panels):
         assert_product(product, got[p, 0], emul.PRODUCTS[product](x[None, 2:], E[1 + p])[0])
     assert not got[:, 1].any() and not out[:W].any() and not out[W + 2 * W * panels:].any()
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_denormals_as_each_product_defines_them(product):
+    """Dot takes denormal inputs as zero and flushes a denormal result (vdpbf16ps's DAZ and FTZ,
+    Intel's definition; the Zen 4 does the same); Widen's fma keeps both. Bit for bit: denormal x
+    times 1, and normal operands whose product (2**-130) is a float32 denormal."""
+    needs(product)
+    K = 4
+    xb = np.array([[0x0040, 0x8003, 0x0040, 0x0001],  # denormal bfloat16s
+                   [0x1C80, 0x1C80, 0x0000, 0x0000]], np.uint16)  # 2**-70
+    Eb = np.zeros((packed.PANELS, K, W), np.uint16)
+    Eb[0] = 0x3F80  # 1.0
+    Eb[1, :2] = 0x21C0  # 2**-59 * 1.5: 2**-70 times it is 1.5 * 2**-129, a float32 denormal
+    x, E = emul.from_bits(xb), emul.from_bits(Eb)
+    out = np.zeros((2, packed.PANELS * W), np.float32)
+    packed.block_product(x_for(product, x).reshape(-1), 0, K, 2, as_layout(Eb, product == "dot").reshape(-1), 0,
+                         K * W, K, out.reshape(-1), 0, out.shape[1], W, 0)
+    for p in range(2):
+        want = emul.PRODUCTS[product](x, E[p])
+        assert np.array_equal(out[:, p * W:(p + 1) * W].view(np.uint32), want.view(np.uint32)), p
+    assert (out[0, :W] == 0).all() == (product == "dot") and (out[1, W:2 * W] == 0).all() == (product == "dot")
 
 
 @pytest.mark.parametrize("R,K,Pn", [(13, 2 * K_CHUNK + 38, packed.PANELS), (7, K_CHUNK + 1, 2 * packed.PANELS),
@@ -291,3 +313,310 @@ def test_product_rows_matches_the_emulation(product, R, K, Pn):
     want = emul.PRODUCTS[product](x, E.transpose(1, 0, 2).reshape(Kx, Pn * W))  # column u*W + j: E[u, :, j]
     assert_product(product, wide[:, :Pn * W], want)
     assert np.isnan(wide[:, Pn * W:]).all()
+
+
+# ---------------------------------------------------------------- the network
+
+# Agreement with the emulation, relative to the largest entry of each result. Measured on the Zen 4
+# (2026-12) over every case of CASES, in both products: loss, final h and c, dh0, dc0 and every
+# gradient within 6.3e-7 of the emulation's, the engine's h, layer inputs and dA within 4.8e-7 (these
+# are snapped: see emulated). Unsnapped the worst was 1.6e-3, a "flip": float32 values an ulp apart
+# that round to bfloat16 values 2**-8 apart (about 1 operand in 10**4), as large as a real error in
+# where the engine rounds would be, so the snapped comparison is the test and the unsnapped one a
+# bound on the flips alone.
+TOL = 5e-6
+FLIPS = 1e-2
+
+CASES = [(L, peep, B, H) for L in (1, 2, 3) for peep in (False, True) for B in (1, 7, 16, 50) for H in (16, 37)]
+
+
+def extras(layers, peepholes, B, H):
+    """Which cases run with dropout and with weight drop: each on about half, every B, H, L and
+    peephole setting with and without each."""
+    return (layers + B + H) % 2 == 1, (layers + B // 7 + peepholes) % 2 == 1
+
+
+def network_case(layers, peepholes, B, H, T=5):
+    """A random model and window (tests.test_kernels.random_case), with its masks: dropout
+    (L, T, B, H) and weight drop (L, G, H), or None."""
+    from charlstm.engine.dropout import fill_weight_masks
+
+    case = random_case(layers, peepholes, B, T, "float32", seed=B + H + layers, hidden=H)
+    dropout, weight_drop = extras(layers, peepholes, B, H)
+    masks = random_masks(case[0], B, T, p=0.3, seed=2) if dropout else None
+    weight_masks = None
+    if weight_drop:
+        weight_masks = np.zeros((layers, 4 * H, H), np.float32)
+        fill_weight_masks(weight_masks, 0.4, seed=1, step=2)
+    return case, masks, weight_masks
+
+
+def run_bf16(config, params, x, y, h0, c0, masks=None, weight_masks=None):
+    """tests.test_kernels.run_network in bf16: (loss, grads, dh0, dc0, final h, final c), and the
+    engine's own values of the operands it computes before rounding them: `seen` (snap's keys,
+    bf16_reference.forward)."""
+    B, T = x.shape
+    ws = network.Workspace(config, B, T, dropout=masks is not None, weight_drop=weight_masks is not None,
+                           precision="bf16")
+    if masks is not None:
+        ws.masks[:] = masks.reshape(ws.masks.shape)
+    if weight_masks is not None:
+        ws.weight_masks[:] = weight_masks
+    xt, yt = np.ascontiguousarray(x.T), np.ascontiguousarray(y.T)
+    network.forward(params, ws, xt, h0, c0)
+    loss = network.loss(params, ws, yt)
+    seen = {("h", l, t): ws.h[l, t].copy() for l in range(config.layers) for t in range(T)}
+    seen.update({("input", l): ws.output_up(l - 1).copy() for l in range(1, config.layers)})
+
+    def ready(group):  # layer l's gradients are done: ws.dA holds its dA until the layer below starts
+        if group != "out":
+            l = int(group[1:])
+            seen.update({("dA", l, t): ws.dA[t].copy() for t in range(T)})
+    grads = np.full_like(params, np.nan)  # backward must write every entry
+    dh0, dc0 = np.zeros_like(h0), np.zeros_like(c0)
+    network.backward(params, grads, ws, xt, dh0, dc0, ready=ready)
+    return (loss, grads, dh0, dc0, ws.h[:, -1].copy(), ws.c[:, -1].copy()), seen
+
+
+def emulated(case, product, masks, weight_masks, seen=None, operands=None):
+    """The emulation's results, in run_bf16's order (grads as a dict). With `seen`, each operand
+    the emulation computes is rounded from the engine's value of it instead of its own, and the
+    two values' discrepancy goes into `operands` {kind: worst} ("h", "input", "dA")."""
+    config, params, x, y, h0, c0 = case
+
+    def snap(key, value):
+        theirs = seen[key].reshape(value.shape)
+        operands[key[0]] = max(operands.get(key[0], 0.0), relative(value, theirs))
+        return theirs
+    p = views(params, config)
+    args = (config.layers, config.peepholes, product, masks, weight_masks)
+    kwargs = {} if seen is None else {"snap": snap}
+    loss, cache, h, c = emul.forward(p, x, y, h0, c0, *args, **kwargs)
+    grads = emul.backward(p, cache, x, y, *args, **kwargs)
+    return loss, grads, grads["h0"], grads["c0"], h, c
+
+
+def discrepancies(config, ours, theirs):
+    """{result: relative discrepancy} for the loss, every gradient, dh0, dc0 and the final state."""
+    loss, grads, dh0, dc0, h, c = ours
+    ref_loss, ref_grads, ref_dh0, ref_dc0, ref_h, ref_c = theirs
+    out = {"loss": relative(loss, ref_loss), "dh0": relative(dh0, ref_dh0), "dc0": relative(dc0, ref_dc0),
+           "h": relative(h, ref_h), "c": relative(c, ref_c)}
+    out.update({name: relative(g, ref_grads[name]) for name, g in views(grads, config).items()})
+    return out
+
+
+def against_emulation(case, product, masks, weight_masks, ours, seen=None):
+    """Every discrepancy between the engine's results and the emulation's: the results', and with
+    `seen` the snapped operands' (as "operand h", "operand input", "operand dA")."""
+    operands = {}
+    worst = discrepancies(case[0], ours, emulated(case, product, masks, weight_masks, seen, operands))
+    worst.update({f"operand {kind}": value for kind, value in operands.items()})
+    return worst
+
+
+def beyond(worst, tol):
+    """The entries of `worst` at or past tol, for an assertion's message."""
+    return {k: f"{v:.1e}" for k, v in worst.items() if not v < tol}
+
+
+def use(monkeypatch, product):
+    """Workspaces made from now on use `product` (module docstring)."""
+    needs(product)
+    monkeypatch.setattr(network, "BF16_PRODUCT", product)
+
+
+@pytest.mark.parametrize("layers,peepholes,B,H", CASES)
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_network_matches_the_emulation(monkeypatch, product, layers, peepholes, B, H):
+    """Loss, every gradient, dh0, dc0 and the final state against the emulation, each operand the
+    emulation computes snapped to the engine's (TOL's comment says why and what was measured)."""
+    use(monkeypatch, product)
+    case, masks, weight_masks = network_case(layers, peepholes, B, H)
+    ours, seen = run_bf16(*case, masks, weight_masks)
+    assert not beyond(against_emulation(case, product, masks, weight_masks, ours, seen), TOL)
+    if weight_masks is not None:  # a dropped weight gets no gradient
+        assert not views(ours[1], case[0])["l0.Wh"][weight_masks[0] == 0].any()
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_snapping_hides_only_flips_and_rounding_shows(monkeypatch, product):
+    """What the snapping hides and what TOL sees, on a case with flips (B = 50, L = 3; measured 6.2e-4
+    apart unsnapped, a flip's size, which a change in the engine's float32 math may move): unsnapped
+    the emulation is within FLIPS, snapped within TOL; and an emulation that rounds nothing (float32
+    products) is far outside TOL, so TOL does see where the engine rounds."""
+    use(monkeypatch, product)
+    case, masks, weight_masks = network_case(3, False, 50, 37)
+    ours, seen = run_bf16(*case, masks, weight_masks)
+    free = max(against_emulation(case, product, masks, weight_masks, ours).values())
+    snapped = max(against_emulation(case, product, masks, weight_masks, ours, seen).values())
+    assert snapped < TOL and free < FLIPS
+    monkeypatch.setattr(emul, "round_bf16", lambda a: np.asarray(a, np.float32))
+    unrounded = max(against_emulation(case, product, masks, weight_masks, ours, seen).values())
+    assert unrounded > 100 * TOL
+
+
+@pytest.mark.parametrize("layers,peepholes,B,H", [(2, True, 1, 37), (2, False, 7, 37), (3, True, 50, 16),
+                                                  (1, False, 16, 37)])
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_the_thread_count_changes_no_bit(monkeypatch, team_of, product, layers, peepholes, B, H):
+    """Every cut of the recurrent grid (tests/test_grid.py's CUTS, clipped to the shape), the
+    batched products cut in shares of 4 rows: on 1 thread, one per cell and in between, the very
+    same bytes, and the emulation's numbers."""
+    from charlstm.engine import grid
+
+    use(monkeypatch, product)
+    case, masks, weight_masks = network_case(layers, peepholes, B, H)
+    monkeypatch.setattr(network, "SHARE_ROWS", 4)
+    monkeypatch.setattr(network, "SHARE_COLUMNS", 4)
+    for text in CUTS:
+        monkeypatch.setenv("CHARLSTM_GRID", text)
+        cut = grid.choose(B, H, "float32", 1)
+        runs = {}
+        for threads in threads_to_try(cut.cells):
+            team_of(max(cut.cells, 2), threads)
+            runs[threads] = run_bf16(*case, masks, weight_masks)
+        first, seen = runs[1]
+        assert not beyond(against_emulation(case, product, masks, weight_masks, first, seen), TOL), text
+        for threads, (results, _) in runs.items():
+            for ours, theirs in zip(results, first):
+                assert np.array_equal(ours, theirs), (text, threads)
+
+
+def test_the_env_widen_is_the_in_process_widen(monkeypatch):
+    """CHARLSTM_BF16_PRODUCT=widen in a child process (the product chosen at import) trains the
+    very bytes this process's network.BF16_PRODUCT = "widen" does, so the in-process Widen tests
+    test what a forced Widen runs."""
+    case, masks, weight_masks = network_case(2, True, 16, 37)
+    assert all(m is not None for m in (masks, weight_masks))
+    monkeypatch.setattr(network, "BF16_PRODUCT", "widen")
+    ours, _ = run_bf16(*case, masks, weight_masks)
+    code = ("import sys, numpy as np\n"
+            "from charlstm.engine import network, target\n"
+            "assert target.BF16_PRODUCT == network.BF16_PRODUCT == 'widen'\n"
+            "from tests.test_bf16 import network_case, run_bf16\n"
+            "case, masks, weight_masks = network_case(2, True, 16, 37)\n"
+            "results, _ = run_bf16(*case, masks, weight_masks)\n"
+            "sys.stdout.buffer.write(b''.join(np.asarray(r, np.float32).tobytes() for r in results))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=seconds(600),
+                          env={**os.environ, "CHARLSTM_BF16_PRODUCT": "widen"})
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout == b"".join(np.asarray(r, np.float32).tobytes() for r in ours)
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_the_workspace_holds_the_operands_of_its_product(monkeypatch, product):
+    """Dot: bfloat16 bits, h's copies padded to an even K (H = 37: 38); Widen: rounded float32."""
+    use(monkeypatch, product)
+    config = random_case(2, False, 3, 4, "float32", hidden=37)[0]
+    ws = network.Workspace(config, 3, 4, dropout=True, precision="bf16")
+    operand, Kx = (np.uint16, 38) if product == "dot" else (np.float32, 37)
+    assert ws.pairs == (product == "dot") and ws.Wf.dtype == ws.Wb.dtype == ws.columns.dtype == np.uint16
+    assert ws.hx.shape == (2, 5, 3, Kx) and ws.Wf.shape[2] == Kx and ws.inputs.shape == (12, Kx)
+    assert ws.hx.dtype == ws.dAx.dtype == ws.dAT.dtype == ws.inputs.dtype == operand
+
+
+def test_precision_must_be_known_and_bf16_needs_float32():
+    config = random_case(1, False, 2, 3, "float32", hidden=16)[0]
+    with pytest.raises(ValueError, match="precision 'bf8'"):
+        network.Workspace(config, 2, 3, precision="bf8")
+    with pytest.raises(ValueError, match="float32 model"):
+        network.Workspace(random_case(1, False, 2, 3, "float64", hidden=16)[0], 2, 3, precision="bf16")
+
+
+def test_a_second_bf16_step_compiles_nothing_new(monkeypatch):
+    """A window again, in each product this machine has, B = 1 and B > 1, with dropout and weight
+    drop: no kernel gains a signature (no float64 drift, no retyping), and no bfloat16 kernel has
+    a float64 argument."""
+    products = [p for p in PRODUCTS if p == "widen" or HAS_DOT]
+
+    def windows(seed):
+        for product in products:
+            monkeypatch.setattr(network, "BF16_PRODUCT", product)
+            for layers, peepholes, B, H in [(2, True, 1, 37), (2, False, 7, 16), (3, True, 16, 37)]:
+                case, masks, weight_masks = network_case(layers, peepholes, B, H)
+                config, params, x, y, h0, c0 = case
+                rng = np.random.default_rng(seed)
+                params = (params + rng.uniform(-0.1, 0.1, params.shape)).astype(np.float32)
+                run_bf16(config, params, x, y, h0, c0, masks, weight_masks)
+    windows(0)
+    counts = _signature_counts()
+    windows(1)
+    assert _signature_counts() == counts
+    for module in (batched, bf16):
+        for name in dir(module):
+            for signature in getattr(getattr(module, name), "signatures", []):
+                assert "float64" not in str(signature), (module.__name__, name, signature)
+
+
+def _signature_counts():
+    return {f"{module.__name__}.{name}": len(getattr(module, name).signatures)
+            for module in (kernels, recurrent, packed, stream_kernels, batched, bf16) for name in dir(module)
+            if hasattr(getattr(module, name), "signatures")}
+
+
+# ---------------------------------------------------------------- which product, per machine
+
+@pytest.mark.parametrize("arch,features,expected", [
+    ("x86_64", {"sse2", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512bf16"}, "dot"),  # Zen 4/5
+    ("x86_64", {"sse2", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}, "widen"),  # Ice Lake
+    ("x86_64", {"sse2", "avx2", "fma"}, "widen"),  # Zen 3, Haswell
+    ("x86_64", {"sse2", "avx512bf16"}, "widen"),  # bf16 reported without avx512f (a VM's mask): no zmm
+    ("x86_64", set(), "widen"),
+    ("aarch64", {"neon"}, "widen"),
+    ("aarch64", {"neon", "bf16", "i8mm", "sve"}, "widen"),  # BFDOT/BFMMLA not built yet (target.py)
+    ("powerpc64le", {"altivec", "vsx"}, "widen"),
+])
+def test_each_machine_gets_its_product(arch, features, expected):
+    assert target.choose_bf16_product(arch, features) == expected
+
+
+def test_this_machine_runs_the_product_its_features_choose():
+    if os.environ.get("CHARLSTM_BF16_PRODUCT"):
+        pytest.skip("CHARLSTM_BF16_PRODUCT forces the product in this process")
+    assert target.BF16_PRODUCT == target.choose_bf16_product(target.architecture(), target.features())
+
+
+def without_avx512bf16():
+    """The features LLVM compiles for here, as NUMBA_CPU_FEATURES spells them, with avx512bf16 off."""
+    from numba.core import config
+
+    text = config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm.get_host_cpu_features().flatten()
+    kept = [f for f in text.split(",") if f and f[1:] != "avx512bf16"]
+    return ",".join(kept + ["-avx512bf16"])
+
+
+def child_product(env):
+    """target.BF16_PRODUCT in a fresh process with `env` added (only target.py is imported)."""
+    code = "from charlstm.engine import target; print(target.BF16_PRODUCT)"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=seconds(120), env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("forced", [None, "widen", "dot"])
+def test_without_avx512bf16_widen_is_chosen_and_dot_refused(forced):
+    """A CPU without the feature, simulated by its input (NUMBA_CPU_FEATURES: this machine's
+    features less avx512bf16): Widen, also when forced; forced Dot is refused before any kernel
+    compiles, in one line naming the feature."""
+    env = {"NUMBA_CPU_FEATURES": without_avx512bf16()}
+    if forced:
+        env["CHARLSTM_BF16_PRODUCT"] = forced
+    done = child_product(env)
+    if forced == "dot":
+        assert done.returncode != 0
+        assert "ValueError: CHARLSTM_BF16_PRODUCT=dot: this CPU has no avx512bf16" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["widen"]
+
+
+@pytest.mark.parametrize("forced", ["widen", "dot", "amx"])
+def test_a_forced_product_on_this_machine(forced):
+    """Widen is forced on any machine; Dot where the machine has it; an unknown name is refused."""
+    done = child_product({"CHARLSTM_BF16_PRODUCT": forced})
+    if forced == "amx":
+        assert done.returncode != 0 and "CHARLSTM_BF16_PRODUCT=amx: expected one of dot, widen" in done.stderr
+    elif forced == "dot" and not HAS_DOT:
+        assert done.returncode != 0 and "this CPU has no avx512bf16" in done.stderr
+    else:
+        assert done.returncode == 0 and done.stdout.split() == [forced], done.stderr[-2000:]
