@@ -5,9 +5,10 @@ whole network's loss and gradients over the shapes the engine packs, the same by
 and on all, the per-machine choice of the product and its guard, and no compile on a second step.
 
 Widen runs in this process on any machine: Workspace takes the product from network.BF16_PRODUCT
-when it is made (pairs for dot, singles for widen), and the kernels pick theirs from the operands'
-dtypes, so a test sets network.BF16_PRODUCT (test_the_env_widen_is_the_in_process_widen checks
-that this is byte for byte what CHARLSTM_BF16_PRODUCT=widen runs in a child process).
+when it is made (pairs for dot, singles for widen; grid.BF16_PRODUCT prices the cut), and the
+kernels pick theirs from the operands' dtypes, so a test sets those two (set_product;
+test_the_env_widen_is_the_in_process_widen checks that this is byte for byte what
+CHARLSTM_BF16_PRODUCT=widen runs in a child process).
 """
 import os
 import subprocess
@@ -420,10 +421,19 @@ def beyond(worst, tol):
     return {k: f"{v:.1e}" for k, v in worst.items() if not v < tol}
 
 
-def use(monkeypatch, product):
-    """Workspaces made from now on use `product` (module docstring)."""
-    needs(product)
+def set_product(monkeypatch, product):
+    """Workspaces made from now on use `product` (module docstring): its layouts (network.py) and the
+    grid its cost model chooses for it (grid.py)."""
+    from charlstm.engine import grid
+
     monkeypatch.setattr(network, "BF16_PRODUCT", product)
+    monkeypatch.setattr(grid, "BF16_PRODUCT", product, raising=False)
+
+
+def use(monkeypatch, product):
+    """set_product, for a test of one product: a Dot test skips where the machine has none."""
+    needs(product)
+    set_product(monkeypatch, product)
 
 
 @pytest.mark.parametrize("layers,peepholes,B,H", CASES)
@@ -471,7 +481,7 @@ def test_the_thread_count_changes_no_bit(monkeypatch, team_of, product, layers, 
     monkeypatch.setattr(network, "SHARE_COLUMNS", 4)
     for text in CUTS:
         monkeypatch.setenv("CHARLSTM_GRID", text)
-        cut = grid.choose(B, H, "float32", 1)
+        cut = grid.choose(B, H, "bfloat16", 1)
         runs = {}
         for threads in threads_to_try(cut.cells):
             team_of(max(cut.cells, 2), threads)
@@ -489,7 +499,7 @@ def test_the_env_widen_is_the_in_process_widen(monkeypatch):
     test what a forced Widen runs."""
     case, masks, weight_masks = network_case(2, True, 16, 37)
     assert all(m is not None for m in (masks, weight_masks))
-    monkeypatch.setattr(network, "BF16_PRODUCT", "widen")
+    set_product(monkeypatch, "widen")
     ours, _ = run_bf16(*case, masks, weight_masks)
     code = ("import sys, numpy as np\n"
             "from charlstm.engine import network, target\n"
@@ -532,7 +542,7 @@ def test_a_second_bf16_step_compiles_nothing_new(monkeypatch):
 
     def windows(seed):
         for product in products:
-            monkeypatch.setattr(network, "BF16_PRODUCT", product)
+            set_product(monkeypatch, product)
             for layers, peepholes, B, H in [(2, True, 1, 37), (2, False, 7, 16), (3, True, 16, 37)]:
                 case, masks, weight_masks = network_case(layers, peepholes, B, H)
                 config, params, x, y, h0, c0 = case
@@ -562,6 +572,7 @@ def _signature_counts():
     ("x86_64", {"sse2", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}, "widen"),  # Ice Lake
     ("x86_64", {"sse2", "avx2", "fma"}, "widen"),  # Zen 3, Haswell
     ("x86_64", {"sse2", "avx512bf16"}, "widen"),  # bf16 reported without avx512f (a VM's mask): no zmm
+    ("x86_64", {"sse2", "avx2", "fma", "avx512f", "avx512bf16", "amx-tile", "amx-bf16"}, "widen"),  # AMX Xeon
     ("x86_64", set(), "widen"),
     ("aarch64", {"neon"}, "widen"),
     ("aarch64", {"neon", "bf16", "i8mm", "sve"}, "widen"),  # BFDOT/BFMMLA not built yet (target.py)
