@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from charlstm.config import BEFORE_OPTION, CLIP_MODES, DTYPES, OPTIMIZER_STATE, ModelConfig, TrainConfig
+from charlstm.config import BEFORE_OPTION, CLIP_MODES, DTYPES, OPTIMIZER_STATE, PRECISIONS, ModelConfig, TrainConfig
 from charlstm.engine import files
 from charlstm.errors import UserError
 from charlstm.model import layout, param_count
@@ -279,6 +279,7 @@ def _verify(manifest, arrays):
     _check_format(manifest)
     config = _check_model(manifest.get("model"))
     batch_size = _check_train(manifest.get("train"))
+    _check_precision(manifest["train"], config)
     state_names = _check_optimizer(manifest)
     _check_layout(manifest.get("params"), config)
     _check_members(arrays, _array_keys(state_names))
@@ -341,6 +342,16 @@ def _check_train(train):
                        f"{', '.join(OPTIMIZER_STATE)}; {DAMAGED}")
     _check_recipe(train)
     return train["batch_size"]
+
+
+def _check_precision(train, config):
+    """train precision (absent before --precision existed: f32) is one of PRECISIONS, and bf16 only
+    for a float32 model (the engine's bfloat16 products accumulate in float32)."""
+    precision = train.get("precision", BEFORE_OPTION["precision"])
+    if precision not in PRECISIONS:
+        raise _Invalid(f"train precision {_show(precision)} is not one of {', '.join(PRECISIONS)}; {DAMAGED}")
+    if precision == "bf16" and config.dtype != "float32":
+        raise _Invalid(f"train precision bf16 with a {config.dtype} model (bf16 needs float32); {DAMAGED}")
 
 
 # Values outside these would break the optimizer's or the schedule's arithmetic (a division by

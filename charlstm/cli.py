@@ -16,6 +16,10 @@ UNIT = click.FloatRange(min=0, max=1, max_open=True)  # [0, 1): RMSprop's alpha,
 EPS = click.FloatRange(min=0, min_open=True)
 
 
+# What each of the engine's bfloat16 products is (engine/target.py picks one per machine).
+BF16_PRODUCT_WORDS = {"dot": "AVX512_BF16 vdpbf16ps", "widen": "bfloat16 weights widened to float32"}
+
+
 def set_threads(threads):
     """Threads for the engine's team (and the cap for BLAS). BLAS reads its count when it loads, so
     this runs before NumPy, SciPy and Numba are imported, and the team takes its size from
@@ -139,6 +143,9 @@ def cli():
 @click.option("--val-frac", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,
               help="Tail fraction of the corpus held out for validation.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="f32", show_default=True,
+              help="The matrix products' operands: float32, or bfloat16 with float32 accumulation (a float32 "
+                   "model; weights, gradients and state stay float32). A resumed run keeps its checkpoint's.")
 @click.option("--steps", type=POSITIVE, help="Stop at this total step count (a resumed run counts from 0).")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Stop after this many epochs.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True),
@@ -189,14 +196,16 @@ def train(ctx, corpus, resume, init_from, out, run, quiet, encoding, **options):
 
 
 def check_recipe(ctx, options, given, resume):
-    """Refuse optimizer and schedule options that do not go together (one usage line each), then
-    fill in the ones that depend on others: --lr from --optim, the schedule from the --lr-decay
-    options given (a resumed run keeps its checkpoint's whatever is filled in here)."""
+    """Refuse optimizer, schedule and precision options that do not go together (one usage line
+    each), then fill in the ones that depend on others: --lr from --optim, the schedule from the
+    --lr-decay options given (a resumed run keeps its checkpoint's whatever is filled in here)."""
     from charlstm.schedule import fill_schedule, schedule_problem
 
     problem = schedule_problem(options["lr_decay_after"], options["lr_decay_every"])
     if problem:
         raise click.UsageError(problem, ctx)
+    if options["precision"] == "bf16" and options["dtype"] != "float32":
+        raise click.UsageError("--precision bf16 needs --dtype float32 (its products accumulate in float32)", ctx)
     # A resumed run's optimizer is the checkpoint's, whatever --optim says (train checks they agree).
     strays = [name for name in sorted(given) if name.split("_")[0] in OPTIMIZERS and name.split("_")[0] != options["optim"]]
     if strays and not resume:
@@ -259,7 +268,8 @@ def plot(runs, output, x_axis):
 @click.option("--threads", type=POSITIVE, help="Threads for kernels and BLAS (default: all cores).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="f32", show_default=True,
               help="The matrix products' operands: float32, or bfloat16 (docs/engine.md).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: chars_per_s, gflops.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: chars_per_s, gflops (and with bf16, product: dot or widen).")
 def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, precision, as_json):
     """Time full training steps (forward, backward, clipping, the optimizer) on CORPUS.
 
@@ -278,6 +288,7 @@ def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, prec
 
     from charlstm.bench import GRID, measure
     from charlstm.data import load_corpus
+    from charlstm.engine.target import BF16_PRODUCT
     from charlstm.train import bundled_corpus
 
     with tempfile.TemporaryDirectory() as cache:
@@ -287,11 +298,14 @@ def bench(corpus, hidden, batch_size, seq_length, layers, seconds, threads, prec
         rows = []
         for H, B, T, L in grid:
             rows.append(((H, B, T, L), measure(data.ids, data.vocab, H, B, T, L, seconds, precision=precision)))
+    product = {"product": BF16_PRODUCT} if precision == "bf16" else {}  # which bfloat16 product ran
     if as_json:
-        result = rows[0][1] if shape_given else [{"hidden": H, "batch_size": B, "seq_length": T, "layers": L, **r}
-                                                 for (H, B, T, L), r in rows]
+        result = {**rows[0][1], **product} if shape_given else [
+            {"hidden": H, "batch_size": B, "seq_length": T, "layers": L, **r, **product} for (H, B, T, L), r in rows]
         click.echo(json.dumps(result))
         return
+    if product:
+        click.echo(f"bf16 product: {BF16_PRODUCT} ({BF16_PRODUCT_WORDS[BF16_PRODUCT]})")
     click.echo(f"{'H':>5} {'B':>4} {'T':>4} {'L':>3} {'chars/s':>12} {'GFLOP/s':>9}")
     for (H, B, T, L), r in rows:
         click.echo(f"{H:>5} {B:>4} {T:>4} {L:>3} {r['chars_per_s']:>12,.0f} {r['gflops']:>9.1f}")
@@ -332,6 +346,9 @@ def gradcheck(hidden, layers, peepholes, batch_size, seq_length, seed, dropout, 
 
 
 UNKNOWN = click.Choice(["error", "skip"])
+PRECISION = click.option("--precision", type=click.Choice(PRECISIONS), default="f32", show_default=True,
+                         help="The matrix products' operands: float32, or bfloat16 (a float32 model; the "
+                              "weights read as bfloat16, sums in float32).")
 DYNAMIC_OPTIONS = ("segment", "eta", "lam", "rms_text", "rms_chars")
 
 
@@ -399,10 +416,11 @@ def rms_for(ckpt, checkpoint, settings, options, unknown, encoding="utf-8"):
 @click.option("--adapt", type=click.Path(), metavar="FILE",
               help="Dynamic evaluation over FILE first (the model learns as it reads), then sample.")
 @dynamic_options
+@PRECISION
 @click.option("--threads", type=POSITIVE, help="Threads for the kernels [default: all cores].")
 @click.pass_context
 def sample(ctx, checkpoint, length, temperature, top_k, argmax, seed, prime, prime_file, unknown, stop, samples, adapt,
-           threads, **options):
+           precision, threads, **options):
     """Stream text generated by the model in CHECKPOINT to stdout, as it is made.
 
     Each sample starts from zero state, warmed by the prime if one is given (else its first
@@ -422,33 +440,36 @@ def sample(ctx, checkpoint, length, temperature, top_k, argmax, seed, prime, pri
     settings = dynamic_settings(ctx, "--adapt", adapt is not None, options)
     from charlstm import sample as sampling
     from charlstm.checkpoint import load_checkpoint
+    from charlstm.config import check_precision
     from charlstm.dynamic import kernels_cached as dynamic_kernels_cached
 
     ckpt = load_checkpoint(checkpoint)
+    check_precision(precision, ckpt.model_config.dtype)
     text = sampling.read_prime(prime, prime_file)
     text = sampling.check_prime(text, ckpt.model_config.vocab, unknown, warn=lambda m: click.echo(m, err=True))
-    if not sampling.kernels_cached(ckpt.model_config) or (settings is not None and not dynamic_kernels_cached()):
+    adapting_cold = settings is not None and not dynamic_kernels_cached()
+    if not sampling.kernels_cached(ckpt.model_config, precision) or adapting_cold:
         click.echo("compiling kernels (first run only)...", err=True)
     params = ckpt.params
     if settings is not None:
-        params = adapt_to(ckpt, checkpoint, adapt, settings, options, unknown)
+        params = adapt_to(ckpt, checkpoint, adapt, settings, options, unknown, precision)
     try:
-        sampling.write_samples(sys.stdout, params, ckpt.model_config, seed, samples, length, text,
+        sampling.write_samples(sys.stdout, params, ckpt.model_config, seed, samples, length, text, precision,
                                temperature=temperature, top_k=top_k or 0, greedy=argmax, stop=stop)
     except BrokenPipeError:  # `charlstm sample ... | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
 
 
-def adapt_to(ckpt, checkpoint, path, settings, options, unknown):
+def adapt_to(ckpt, checkpoint, path, settings, options, unknown, precision="f32"):
     """The checkpoint's weights after dynamic evaluation over the file at `path` (sample --adapt),
-    saying on stderr what it did."""
+    products in `precision`, saying on stderr what it did."""
     from charlstm.dynamic import adapt
     from charlstm.evaluate import open_text
 
     warn = lambda m: click.echo(m, err=True)
     text = open_text(ckpt.model_config, path, unknown=unknown, warn=warn, what="--adapt file")
     rms, source = rms_for(ckpt, checkpoint, settings, options, unknown)
-    params, result = adapt(ckpt.params, ckpt.model_config, text, settings, rms)
+    params, result = adapt(ckpt.params, ckpt.model_config, text, settings, rms, precision=precision)
     warn(f"adapted to {path}: {result.score.chars:,} characters, {result.score.nats_per_char:.4f} nats/char "
          f"while reading, {result.seconds:.1f} s ({settings.describe()}; RMS from {source})")
     return params
@@ -466,9 +487,10 @@ def adapt_to(ckpt, checkpoint, path, settings, options, unknown):
               help="Dynamic evaluation (Krause et al. 2018): after scoring each segment the model takes a "
                    "step on it; prints the static and the dynamic score side by side, with their times.")
 @dynamic_options
+@PRECISION
 @click.option("--threads", type=POSITIVE, help="Threads for the kernels [default: all cores].")
 @click.pass_context
-def evaluate(ctx, checkpoint, file, as_json, unknown, encoding, dynamic, threads, **options):
+def evaluate(ctx, checkpoint, file, as_json, unknown, encoding, dynamic, precision, threads, **options):
     """Score FILE under the model in CHECKPOINT: nats and bits per character, and perplexity.
 
     FILE is read as one stream from zero state; the score is the mean over its characters after
@@ -490,15 +512,17 @@ def evaluate(ctx, checkpoint, file, as_json, unknown, encoding, dynamic, threads
     # that the step kernel's threads need (it measured 2-3x slower on 2 cores).
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from charlstm.checkpoint import load_checkpoint
+    from charlstm.config import check_precision
     from charlstm.dynamic import kernels_cached as dynamic_kernels_cached
     from charlstm.evaluate import evaluate_file, kernels_cached, report
 
     ckpt = load_checkpoint(checkpoint)
-    if not (kernels_cached(ckpt.model_config) if settings is None else dynamic_kernels_cached()):
+    check_precision(precision, ckpt.model_config.dtype)
+    if not (kernels_cached(ckpt.model_config, precision) if settings is None else dynamic_kernels_cached()):
         click.echo("compiling kernels (first run only)...", err=True)
     if settings is None:
         score = evaluate_file(ckpt.params, ckpt.model_config, file, encoding, unknown,
-                              warn=lambda m: click.echo(m, err=True))
+                              warn=lambda m: click.echo(m, err=True), precision=precision)
         click.echo(report(score, file, as_json, skipping=unknown == "skip"))
         return
     from charlstm.dynamic import evaluate_dynamic, report_dynamic
@@ -506,7 +530,7 @@ def evaluate(ctx, checkpoint, file, as_json, unknown, encoding, dynamic, threads
 
     text = open_text(ckpt.model_config, file, encoding, unknown, warn=lambda m: click.echo(m, err=True))
     rms, source = rms_for(ckpt, checkpoint, settings, options, unknown, encoding)
-    static, dynamic = evaluate_dynamic(ckpt.params, ckpt.model_config, text, settings, rms)
+    static, dynamic = evaluate_dynamic(ckpt.params, ckpt.model_config, text, settings, rms, precision=precision)
     click.echo(report_dynamic(static, dynamic, file, settings, source, as_json, skipping=unknown == "skip"))
 
 

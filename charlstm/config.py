@@ -7,11 +7,23 @@ DynamicConfig the options of `eval --dynamic` and `sample --adapt` (dynamic.py).
 """
 from dataclasses import asdict, dataclass, fields
 
+from charlstm.errors import UserError
+
 DTYPES = ("float32", "float64")
 # The matrix products' operands (--precision): float32, or bfloat16 with float32 accumulation
 # (engine/bf16.py); engine/network.py's Workspace takes the same names.
 PRECISIONS = ("f32", "bf16")
 CLIP_MODES = ("value", "norm")
+
+
+def check_precision(precision, dtype):
+    """Refuse (UserError) a precision not in PRECISIONS, and bf16 for a model that is not float32
+    (bfloat16 products accumulate in float32)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and str(dtype) != "float32":
+        raise UserError(f"--precision bf16 needs a float32 model, and this one is {dtype}; drop --precision bf16")
+
 
 # Each optimizer's state arrays, in checkpoint and checksum order; each has the layout of params.
 # Adagrad's keeps SPEC's key `adagrad`, so an Adagrad checkpoint holds what version 1 held.
@@ -69,6 +81,7 @@ class TrainConfig:
     init: str = "fan-in"  # one of INITS
     dropout_warmup: float = 20.0  # epochs over which dropout ramps up from 0 (schedule.dropout_at)
     weight_drop: float = 0.0  # DropConnect on each layer's Wh, a mask per window (engine/dropout.py)
+    precision: str = "f32"  # the matrix products' operands: one of PRECISIONS (bf16 needs a float32 model)
     val_frac: float = 0.05
     seed: int = 0
     steps: int | None = None
@@ -106,7 +119,7 @@ class TrainConfig:
 
 # Checkpoints written before an option existed trained with these values.
 BEFORE_OPTION = {"init": "char-rnn", "dropout": 0.0, "dropout_warmup": 0.0, "optim": "adagrad", "weight_drop": 0.0,
-                 "lr_decay": 1.0, "lr_decay_after": None, "lr_decay_every": None}
+                 "precision": "f32", "lr_decay": 1.0, "lr_decay_after": None, "lr_decay_every": None}
 
 
 # ---- Dynamic evaluation's defaults (dynamic.py), in one block to change. Chosen by

@@ -16,6 +16,8 @@ A segment is a training step of the engine's one-stream path: network.forward, l
 over a Workspace of B = 1 stream and T = n steps (the team's unit shares, one meeting a step),
 with h and c carried from one segment to the next, no dropout, no clipping. The static score is
 the same pass without backward and update, so with eta = lambda = 0 both are the same bytes.
+With precision "bf16" the Workspaces round the products' operands to bfloat16 (engine/network.py);
+the weights, their update and the carried state stay float32.
 """
 import json
 import math
@@ -44,11 +46,12 @@ class Diverged(Exception):
 class Segments:
     """One stream of ids, fed in any number of pieces, scored in segments of n predictions from
     zero state. With `learn`, each segment is then backpropagated and learn(params, grads) runs
-    (it may change params in place: the next segment runs on what it leaves)."""
+    (it may change params in place: the next segment runs on what it leaves). `precision`: the
+    products' operands, as network.Workspace takes it."""
 
-    def __init__(self, params, config, n, learn=None):
+    def __init__(self, params, config, n, learn=None, precision="f32"):
         L, H = config.layers, config.hidden
-        self.params, self.config, self.n, self.learn = params, config, n, learn
+        self.params, self.config, self.n, self.learn, self.precision = params, config, n, learn, precision
         self.grads = np.zeros_like(params) if learn is not None else None
         self.h, self.c = np.zeros((L, 1, H), config.dtype), np.zeros((L, 1, H), config.dtype)  # carried
         self.workspaces = {}  # T -> network.Workspace: n, and the last segment's length
@@ -84,7 +87,7 @@ class Segments:
     def _step(self, ids):
         T = len(ids) - 1
         if T not in self.workspaces:
-            self.workspaces[T] = network.Workspace(self.config, 1, T)
+            self.workspaces[T] = network.Workspace(self.config, 1, T, precision=self.precision)
         ws = self.workspaces[T]
         x, y = ids[:-1].reshape(T, 1), ids[1:].reshape(T, 1)
         network.forward(self.params, ws, x, self.h, self.c)
@@ -157,21 +160,21 @@ def _run(text, segments, progress, desc, settings):
     return Result(Score(segments.score(), segments.count, text.skipped), time.perf_counter() - start)
 
 
-def evaluate_dynamic(params, config, text, settings, rms, progress=True):
+def evaluate_dynamic(params, config, text, settings, rms, progress=True, precision="f32"):
     """`text` (evaluate.Text) scored statically and dynamically in segments of settings.segment
-    (a config.DynamicConfig), RMS (P,) from gradient_scale: (static Result, dynamic Result).
-    params is only read."""
-    static = _run(text, Segments(params, config, settings.segment), progress, "static", settings)
-    dynamic = _run(text, Segments(params.copy(), config, settings.segment, Rule(settings, rms, params)), progress,
-                   "dynamic", settings)
+    (a config.DynamicConfig), RMS (P,) from gradient_scale, products in `precision`:
+    (static Result, dynamic Result). params is only read."""
+    static = _run(text, Segments(params, config, settings.segment, precision=precision), progress, "static", settings)
+    dynamic = _run(text, Segments(params.copy(), config, settings.segment, Rule(settings, rms, params), precision),
+                   progress, "dynamic", settings)
     return static, dynamic
 
 
-def adapt(params, config, text, settings, rms, progress=True):
+def adapt(params, config, text, settings, rms, progress=True, precision="f32"):
     """The weights after dynamic evaluation of `text` (a copy: params is only read), and the
-    Result of that pass (the score while reading)."""
+    Result of that pass (the score while reading), products in `precision`."""
     theta = params.copy()
-    result = _run(text, Segments(theta, config, settings.segment, Rule(settings, rms, params)), progress,
+    result = _run(text, Segments(theta, config, settings.segment, Rule(settings, rms, params), precision), progress,
                   "adapting", settings)
     return theta, result
 

@@ -7,6 +7,12 @@ the output layer (logits, log-softmax, the targets' log-probabilities) are one m
 window, and only the recurrent product runs step by step, its units split across the team
 (recurrent.forward_grid, with one stream group).
 
+With precision "bf16" the products' operands are rounded to bfloat16 (engine/bf16.py), as training
+rounds them: each layer's Wh packed as bfloat16 for the Widen product (bfloat16 weights widened to
+float32 in registers; it runs on every machine), h's operand copy `hx` rounded as it is made, and
+the input products of the layers above read rounded copies of Wx and of the layer below's h (float32
+BLAS on rounded values). Sums, gates, cell state and the output layer stay float32.
+
 The file is read twice in chunks, never whole: pass 1 counts its characters and finds any outside
 the vocabulary (so that an error comes before the work, and the progress bar knows its total);
 pass 2 decodes, maps to ids and scores (open_text and feed_text: dynamic evaluation reads its
@@ -21,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from charlstm.engine import grid, kernels, packed, recurrent, stream_kernels
+from charlstm.config import check_precision
+from charlstm.engine import bf16, grid, kernels, packed, recurrent, stream_kernels
 from charlstm.engine.jit import is_cached
 from charlstm.data import CHUNK_BYTES, MAX_CODE_POINT, _code_points, _decoder, _open
 from charlstm.errors import UserError
@@ -51,19 +58,30 @@ class Score:
 class Scorer:
     """Scores one stream of ids fed in any number of pieces, from zero state, in constant memory."""
 
-    def __init__(self, params, config, window=WINDOW):
+    def __init__(self, params, config, window=WINDOW, precision="f32"):
         L, H, V, G = config.layers, config.hidden, config.vocab_size, 4 * config.hidden
         dtype = np.dtype(config.dtype)
+        check_precision(precision, dtype)
+        self.bf16 = precision == "bf16"
         self.w = {k: np.array(v, dtype=dtype, order="C") for k, v in views(params, config).items()}
+        if self.bf16:  # the input products read Wx rounded, rounded once here
+            for l in range(1, L):
+                self.w[f"l{l}.Wx"] = rounded(self.w[f"l{l}.Wx"])
         self.WxT0 = np.ascontiguousarray(self.w["l0.Wx"].T)  # (V, G): the one-hot input is a row lookup
         self.no_peep = np.zeros(0, dtype)
         self.config, self.window = config, window
         # h, c (L, window+1, H): row 0 the state carried in, row t+1 the state after step t
         self.h, self.c = np.zeros((L, window + 1, H), dtype), np.zeros((L, window + 1, H), dtype)
         self.A, self.tc = np.zeros((window, G), dtype), np.zeros((window, H), dtype)
+        # hx (L, window+1, H): h as the products read it, h itself in float32, else rounded (row 0
+        # carried in, rows 1.. made by forward_grid)
+        self.hx = np.zeros_like(self.h) if self.bf16 else self.h
         forward_shape, _, row = packed.packed_shapes(H, dtype)
-        self.Wf, self.z = np.zeros(forward_shape, dtype), np.zeros((1, row), dtype)  # a layer's Wh packed; products
-        self.unit_groups = grid.choose(1, config.hidden, dtype, team.most).unit_groups  # one stream group
+        # a layer's Wh packed (float32 lanes; uint16 bfloat16 singles for the Widen product); the products
+        self.Wf = np.zeros(forward_shape, np.uint16 if self.bf16 else dtype)
+        self.z = np.zeros((1, row), dtype)
+        reads = "bfloat16" if self.bf16 else dtype  # what the grid's cost model counts per weight
+        self.unit_groups = grid.choose(1, config.hidden, reads, team.most).unit_groups  # one stream group
         self.P = np.zeros((window, V), dtype)
         self.prev = None  # the last id fed: the input that predicts the next one
         self.total, self.count = 0.0, 0  # nats summed in float64, predictions made
@@ -87,23 +105,32 @@ class Scorer:
     def _window(self, x, y):
         """x, y (T,): inputs and the targets they predict."""
         T, w, cfg = len(x), self.w, self.config
-        A, h, c = self.A[:T], self.h[:, :T + 1], self.c[:, :T + 1]
+        A, h, hx, c = self.A[:T], self.h[:, :T + 1], self.hx[:, :T + 1], self.c[:, :T + 1]
         A3 = A.reshape(T, 1, -1)  # (T, B = 1, G), as the recurrent kernels take it
         kernels.gather_input(self.WxT0, w["l0.b"], x.reshape(T, 1), A3)
         for l in range(cfg.layers):
             if l > 0:
-                kernels.project_input(h[l - 1, 1:], w[f"l{l}.Wx"], w[f"l{l}.b"], A)
+                kernels.project_input(hx[l - 1, 1:], w[f"l{l}.Wx"], w[f"l{l}.b"], A)
             peep = w.get(f"l{l}.p", self.no_peep)
-            Wh, hl, cl, tc = w[f"l{l}.Wh"], h[l], c[l], self.tc[:T]
+            Wh, hl, hxl, cl, tc = w[f"l{l}.Wh"], h[l], hx[l], c[l], self.tc[:T]
             team.together(lambda rank, threads, sync: recurrent.forward_grid(
-                A3, Wh, self.Wf, peep, hl.reshape(T + 1, 1, -1), hl.reshape(T + 1, 1, -1), cl.reshape(T + 1, 1, -1), tc.reshape(T, 1, -1),
-                self.z, rank, threads, 1, self.unit_groups, sync), self.unit_groups)
+                A3, Wh, self.Wf, peep, hl.reshape(T + 1, 1, -1), hxl.reshape(T + 1, 1, -1), cl.reshape(T + 1, 1, -1),
+                tc.reshape(T, 1, -1), self.z, rank, threads, 1, self.unit_groups, sync), self.unit_groups)
         self.total += stream_kernels.nll_sum(h[-1, 1:], w["out.W"], w["out.b"], y, self.P[:T])
         self.count += T
         h[:, 0], c[:, 0] = h[:, T], c[:, T]  # carried into the next window
+        if self.bf16:
+            hx[:, 0] = hx[:, T]  # h[:, T] rounded, as forward_grid made it
 
     def score(self):
         return self.total / self.count if self.count else math.nan
+
+
+def rounded(M):
+    """M (R, C) float32 rounded to bfloat16, as float32 values (a new array)."""
+    out = np.empty_like(M)
+    bf16.round_rows(M, out, 0, M.shape[0])
+    return out
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -185,10 +212,11 @@ def feed_text(text, scorer, progress=True, desc="scoring"):
         bar.update(scorer.count - before)
 
 
-def evaluate_file(params, config, path, encoding="utf-8", unknown="error", progress=True, warn=print):
-    """Score the text file at `path` under the model (open_text says what it refuses)."""
+def evaluate_file(params, config, path, encoding="utf-8", unknown="error", progress=True, warn=print, precision="f32"):
+    """Score the text file at `path` under the model (open_text says what it refuses), with the
+    products in `precision`."""
     text = open_text(config, path, encoding, unknown, warn)
-    scorer = Scorer(params, config)
+    scorer = Scorer(params, config, precision=precision)
     feed_text(text, scorer, progress)
     return Score(scorer.score(), scorer.count, text.skipped)
 
@@ -211,6 +239,7 @@ def report(score, path, as_json=False, skipping=False):
     ])
 
 
-def kernels_cached(config):
+def kernels_cached(config, precision="f32"):
     """Whether the scoring kernels are in Numba's disk cache (so no compile is coming)."""
-    return is_cached(recurrent.forward_grid, stream_kernels.nll_sum)
+    extra = (bf16.round_rows,) if precision == "bf16" else ()
+    return is_cached(recurrent.forward_grid, stream_kernels.nll_sum, *extra)

@@ -35,7 +35,7 @@ def describe(path, as_json=False):
     lines = [
         f"checkpoint   {path} ({os.path.getsize(path) / 1e6:.1f} MB, format {m['format']} v{m['version']})",
         f"model        {model.layers}x{model.hidden} LSTM{' with peepholes' if model.peepholes else ''}, "
-        f"vocab {model.vocab_size}, {param_count(model):,} parameters, {model.dtype}",
+        f"vocab {model.vocab_size}, {param_count(model):,} parameters, {model.dtype}, precision {train.precision}",
         f"training     batch {train.batch_size} x seq {train.seq_length}, clip {train.clip} ({train.clip_mode}), "
         f"dropout {train.dropout}" + (f" (ramped over {train.dropout_warmup:g} epochs)" if train.dropout_warmup else "")
         + (f", weight drop {train.weight_drop}" if train.weight_drop else "")

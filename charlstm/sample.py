@@ -10,11 +10,16 @@ state h, c (L, H), and workspaces. A step's units are split across the team
 generated characters. A chunk is one kernel call given pre-drawn uniforms, so the output for a
 seed does not depend on the chunk sizes; chunks start small (the first characters show at once)
 and grow to CHUNK_MAX. Memory stays constant however long the sample.
+
+With precision "bf16" the packed weights are bfloat16 (uint16, engine/bf16.py's singles: the Widen
+product, on every machine), half the bytes a step streams; the step kernel then rounds each h_t to
+bfloat16 as it makes it, h being only ever a product's operand.
 """
 
 import numpy as np
 
-from charlstm.engine import packed, stream_kernels
+from charlstm.config import check_precision
+from charlstm.engine import bf16, packed, stream_kernels
 from charlstm.engine.jit import is_cached
 from charlstm.errors import UserError
 from charlstm.model import views
@@ -27,15 +32,18 @@ NO_UNIFORMS, NO_IDS = np.zeros(0), np.zeros(0, np.int64)  # a feed draws nothing
 class Stream:
     """One stream of a model, stepped one character at a time. State starts at zero."""
 
-    def __init__(self, params, config):
+    def __init__(self, params, config, precision="f32"):
         L, H, V, G = config.layers, config.hidden, config.vocab_size, 4 * config.hidden
         w, dtype = views(params, config), np.dtype(config.dtype)
+        check_precision(precision, dtype)
         fresh = lambda a: np.array(a, dtype=dtype, order="C")  # own, writable, C-contiguous copies
-        (U, _, _, W), _, row = packed.packed_shapes(H, dtype)
-        Wf = np.zeros((L, U, 4, 2 * H if L > 1 else H, W), dtype)
-        packed.pack_forward(fresh(w["l0.Wh"]), Wf[0], 0, U)
+        (U, _, _, W), _, row = packed.packed_shapes(H, dtype)  # float32 lanes for either precision
+        Wf = np.zeros((L, U, 4, 2 * H if L > 1 else H, W), np.uint16 if precision == "bf16" else dtype)
+        pack = (lambda M, P: bf16.pack_rows(M, P, 0, U, False)) if precision == "bf16" else (
+            lambda M, P: packed.pack_forward(M, P, 0, U))
+        pack(fresh(w["l0.Wh"]), Wf[0])
         for l in range(1, L):
-            packed.pack_forward(fresh(np.concatenate([w[f"l{l}.Wx"], w[f"l{l}.Wh"]], axis=1)), Wf[l], 0, U)
+            pack(fresh(np.concatenate([w[f"l{l}.Wx"], w[f"l{l}.Wh"]], axis=1)), Wf[l])
         bias = fresh([w[f"l{l}.b"] for l in range(L)])
         peep = fresh([w[f"l{l}.p"] for l in range(L)]) if config.peepholes else np.zeros((L, 0), dtype)
         self.net = (fresh(w["l0.Wx"].T), Wf, bias, peep, fresh(w["out.W"]), fresh(w["out.b"]))
@@ -171,11 +179,11 @@ def read_prime(prime, prime_file):
         raise UserError(f"{prime_file}: cannot read ({e.strerror}); check the --prime-file path") from None
 
 
-def write_samples(out, params, config, seed, samples, length, prime="", **settings):
+def write_samples(out, params, config, seed, samples, length, prime="", precision="f32", **settings):
     """Write `samples` samples to the text stream `out` as they are generated, flushing each piece.
     Each sample ends with a newline; a blank line separates samples. `settings`: temperature,
     top_k, greedy, stop as in generate. seed None draws fresh entropy (every run differs)."""
-    stream = Stream(params, config)
+    stream = Stream(params, config, precision)
     rng = np.random.Generator(np.random.PCG64(seed))
     for i in range(samples):
         if i:
@@ -187,6 +195,7 @@ def write_samples(out, params, config, seed, samples, length, prime="", **settin
         out.flush()
 
 
-def kernels_cached(config):
+def kernels_cached(config, precision="f32"):
     """Whether the sampling kernels for this model are in Numba's disk cache (so no compile is coming)."""
-    return is_cached(stream_kernels.run_stream)
+    extra = (bf16.pack_rows,) if precision == "bf16" else ()
+    return is_cached(stream_kernels.run_stream, *extra)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from charlstm.engine import network
 from charlstm.checkpoint import load_checkpoint
-from charlstm.config import ModelConfig
+from charlstm.config import ModelConfig, check_precision
 from charlstm.data import Batcher, file_sha256, load_corpus, split
 from charlstm.engine.dropout import fill_masks, fill_weight_masks
 from charlstm.errors import UserError
@@ -99,7 +99,8 @@ class Trainer:
         self.batcher = Batcher(corpus.ids[:n_train], train_cfg.batch_size, train_cfg.seq_length, self.streams)
         self.val_ids = corpus.ids[n_train:]
         self.ws = network.Workspace(model_cfg, len(self.streams), train_cfg.seq_length,
-                                    dropout=train_cfg.dropout > 0, weight_drop=train_cfg.weight_drop > 0)
+                                    dropout=train_cfg.dropout > 0, weight_drop=train_cfg.weight_drop > 0,
+                                    precision=train_cfg.precision)
         self.grads = np.zeros_like(state.params)
         self.rng = np.random.default_rng(train_cfg.seed)
         if state.rng_state:
@@ -305,6 +306,7 @@ def new_run(corpus_path, options, given, cfg, out, run, init_from, encoding, qui
         ckpt = load_checkpoint(init_from)
         model_cfg = ckpt.model_config
         _check_fixed(given, options, model_cfg.to_dict(), f"the checkpoint {init_from}")
+        check_precision(cfg.precision, model_cfg.dtype)  # the model is the checkpoint's
         corpus = read_corpus(corpus_path, cache, quiet, vocab=model_cfg.vocab, encoding=encoding)
     else:
         corpus = read_corpus(corpus_path, cache, quiet, encoding=encoding)
@@ -338,7 +340,7 @@ def summary(trainer, total_steps, deadline_s):
     yield (f"corpus {c.path}: {len(c.ids):,} chars, vocab {m.vocab_size}; "
            f"{len(c.ids) - len(trainer.val_ids):,} train / {len(trainer.val_ids):,} validation")
     yield (f"model {m.layers}x{m.hidden} LSTM{' with peepholes' if m.peepholes else ''}, "
-           f"{param_count(m):,} parameters, {m.dtype}")
+           f"{param_count(m):,} parameters, {m.dtype}, precision {cfg.precision}")
     yield (f"{cfg.batch_size} streams x {cfg.seq_length} steps = {cfg.batch_size * cfg.seq_length:,} chars per step, "
            f"{trainer.windows_per_epoch:,} steps per epoch ({n_train:,} chars); {cfg.recipe()}, "
            f"clip {cfg.clip} ({cfg.clip_mode})" + (f", dropout {cfg.dropout}" if cfg.dropout > 0 else "")
