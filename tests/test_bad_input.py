@@ -56,6 +56,8 @@ def checkpoints(folder):
     (["--dtype", "float16"], ["'--dtype'", "float32"]),
     (["--clip-mode", "max"], ["'--clip-mode'"]),
     (["--weight-drop", "1"], ["'--weight-drop'", "0<=x<1"]),
+    (["--precision", "fp8"], ["'--precision'", "f32", "bf16"]),
+    (["--precision", "bf16", "--dtype", "float64"], ["--precision bf16 needs --dtype float32"]),
     (["--hiden", "8"], ["No such option", "--hidden"]),
 ])
 def test_bad_train_option_is_one_usage_line(tmp_path, corpus, run_cli, args, words):

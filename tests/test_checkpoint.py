@@ -328,6 +328,7 @@ MANIFEST_EDITS = [  # (path into the manifest, new value, words the message must
     (("train", "rmsprop_alpha"), -0.5, "rmsprop_alpha"), (("train", "lr_decay"), 2.0, "lr_decay"),
     (("train", "lr_decay"), 0, "lr_decay"), (("train", "lr_decay_every"), 0, "lr_decay_every"),
     (("train", "lr_decay_after"), 1.5, "lr_decay_after"),
+    (("train", "precision"), "fp8", "precision 'fp8'"), (("train", "precision"), 16, "precision"),
 ]
 
 

@@ -183,4 +183,5 @@ def test_a_second_run_compiles_nothing_new():
         score(1, False, dtype, 1)
         score(3, True, dtype, 2)
     assert counts == [len(k.signatures) for k in used]
-    assert counts[0] == 2  # forward_grid: one float32 and one float64 specialization
+    # forward_grid: one float32 and one float64 specialization (bfloat16's, uint16 weights, come from other tests)
+    assert sum("uint16" not in str(sig) for sig in recurrent.forward_grid.signatures) == 2

@@ -116,7 +116,7 @@ def test_a_manifest_with_a_precision_it_cannot_run_is_refused(tmp_path, value, w
     params, config = make_model(dtype="float64")
     train_cfg = {**TrainConfig().to_dict(), "precision": value}
     state = np.zeros((config.layers, train_cfg["batch_size"], config.hidden))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(ValueError) as info:  # save's self-check: what load would refuse
         save_checkpoint(tmp_path / "bad.npz", {"model": config.to_dict(), "train": train_cfg}, params,
                         np.zeros_like(params), state, state)
     for word in words:
@@ -228,6 +228,23 @@ def test_stream_bf16_prime_leaves_the_emulations_state(layers, peepholes):
     assert np.array_equal(stream.h, emul.round_bf16(stream.h))
 
 
+def test_a_second_bf16_model_compiles_nothing_new():
+    """Other shapes, layer counts and peepholes in bf16 reuse the kernels the first compiled."""
+    from charlstm.engine import bf16, recurrent, stream_kernels
+
+    def use(layers, peepholes, seed):
+        params, config = make_model(layers, peepholes, seed=seed)
+        evaluate.Scorer(params, config, window=8, precision="bf16").feed(np.arange(20) % len(VOCAB))
+        "".join(sample.generate(sample.Stream(params, config, "bf16"), np.random.default_rng(0), 20))
+
+    use(2, True, 0)
+    used = [recurrent.forward_grid, stream_kernels.run_stream, bf16.round_rows, bf16.pack_rows]
+    counts = [len(k.signatures) for k in used]
+    use(1, False, 1)
+    use(3, True, 2)
+    assert counts == [len(k.signatures) for k in used]
+
+
 # ---------------------------------------------------------------------------------------- bench
 
 @pytest.mark.parametrize("precision", ["f32", "bf16"])
@@ -242,3 +259,56 @@ def test_bench_says_which_bf16_product_ran(monkeypatch, corpus, precision):
     assert result.get("product") == (BF16_PRODUCT if precision == "bf16" else None)
     table = invoke("bench", corpus, *shape, "--precision", precision).stdout
     assert (f"bf16 product: {BF16_PRODUCT}" in table) == (precision == "bf16")
+
+
+# ---------------------------------------------------------------------------------------- a fresh cache
+
+# f32 and bf16 runs mixed: the one-stream model (H = 192, B = 1) splits its step across threads.
+MIXED_MODELS = {"small": ["--hidden", "16", "--layers", "2", "--batch-size", "4", "--seq-length", "8"],
+                "one192": ["--hidden", "192", "--layers", "2", "--batch-size", "1", "--seq-length", "16"]}
+
+
+def mixed_commands(ck):
+    """(name, argv) of train, eval and sample in f32 and bf16, interleaved; ck: the runs' folder."""
+    train_ = lambda run, opts, precision: (f"train {run}", ["train", "corpus.txt", *opts, "--precision", precision,
+                                                            "--steps", "3", "--eval-every", "2", "--out", ck,
+                                                            "--run", run, "--quiet", "--threads", "2"])
+    ckpt = lambda run: f"{ck}/{run}/latest.npz"
+    return [
+        train_("small-f32", MIXED_MODELS["small"], "f32"),
+        train_("small-bf16", MIXED_MODELS["small"], "bf16"),
+        ("eval bf16 of bf16", ["eval", ckpt("small-bf16"), "corpus.txt", "--json", *BF16]),
+        ("eval f32 of bf16", ["eval", ckpt("small-bf16"), "corpus.txt", "--json"]),
+        train_("one192-bf16", MIXED_MODELS["one192"], "bf16"),
+        ("sample bf16", ["sample", ckpt("one192-bf16"), "--length", "60", "--seed", "1", *BF16]),
+        ("sample f32", ["sample", ckpt("one192-bf16"), "--length", "60", "--seed", "1"]),
+        train_("one192-f32", MIXED_MODELS["one192"], "f32"),
+        ("eval bf16 of f32", ["eval", ckpt("one192-f32"), "corpus.txt", "--json", *BF16]),
+        ("eval dynamic bf16", ["eval", ckpt("small-f32"), "corpus.txt", "--json", "--dynamic", *BF16]),
+        ("sample adapt bf16", ["sample", ckpt("small-f32"), "--length", "40", "--seed", "2", "--adapt", "corpus.txt",
+                               *BF16]),
+        ("eval dynamic f32", ["eval", ckpt("small-bf16"), "corpus.txt", "--json", "--dynamic"]),
+    ]
+
+
+@pytest.mark.slow
+def test_f32_and_bf16_mixed_on_a_fresh_cache_then_warm(tmp_path):
+    """Slow (a fresh cache compiles every kernel of both precisions): no process dies, and the warm
+    round prints the scores and text (and trains the arrays) of the cold one."""
+    from tests.conftest import SHAKESPEARE_HEAD
+    from tests.test_cache_sequences import outcome, run
+
+    (tmp_path / "corpus.txt").write_text(SHAKESPEARE_HEAD * 8, encoding="utf-8")
+    cache = tmp_path / "cache"
+
+    def untimed(name, out):  # the scores without `eval --dynamic`'s seconds
+        if not name.startswith("eval"):
+            return out
+        scores = json.loads(out)
+        for pass_ in ("static", "dynamic"):
+            scores.get(pass_, {}).pop("seconds", None)
+        return scores
+    rounds = [{name: untimed(name, outcome(name, argv, run(argv, cache, tmp_path), tmp_path))
+               for name, argv in mixed_commands(ck)} for ck in ("ck-cold", "ck-warm")]
+    assert rounds[0] == rounds[1]
+    assert rounds[0]["eval bf16 of bf16"] != rounds[0]["eval f32 of bf16"]

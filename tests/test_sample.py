@@ -196,7 +196,8 @@ def test_a_second_run_compiles_nothing_new():
         run(*make_model(dtype=dtype, seed=1), 10, prime="abc", greedy=True)
         run(*make_model(dtype=dtype, layers=1, peepholes=False), 10)
     assert counts == [len(k.signatures) for k in used]
-    assert counts[0] == 2  # run_stream: one float32 and one float64 specialization
+    # run_stream: one float32 and one float64 specialization (bfloat16's, uint16 weights, come from other tests)
+    assert sum("uint16" not in str(sig) for sig in stream_kernels.run_stream.signatures) == 2
 
 
 # ---------------------------------------------------------------------------------- command line
