@@ -1,5 +1,6 @@
 """The kernels against the plain-NumPy reference (tests/reference.py), over the grid the issue asks:
 L = 1 and 2, peepholes on and off, B = 1 and > 1, T = 1 and > 1, float64 and float32."""
+import numba
 import numpy as np
 import pytest
 
@@ -249,8 +250,10 @@ def test_second_call_compiles_nothing_new():
         for B in (1, 3):
             run_network(*random_case(2, True, B, 4, dtype, seed=1))
     assert counts == _signature_counts()
-    assert counts["recurrent.forward_grid"] == 2  # one float32 and one float64 specialization, nothing else
-    assert counts["recurrent.backward_grid"] == 2
+    # one float32 and one float64 specialization, nothing else (bfloat16's, with uint16 arrays,
+    # come from tests/test_bf16.py in the same process)
+    for name in (recurrent.forward_grid, recurrent.backward_grid):
+        assert sum(not any(getattr(t, "dtype", None) == numba.uint16 for t in sig) for sig in name.signatures) == 2
 
 
 def _signature_counts():
