@@ -11,9 +11,10 @@ generated characters. A chunk is one kernel call given pre-drawn uniforms, so th
 seed does not depend on the chunk sizes; chunks start small (the first characters show at once)
 and grow to CHUNK_MAX. Memory stays constant however long the sample.
 
-With precision "bf16" the packed weights are bfloat16 (uint16, engine/bf16.py's singles: the Widen
-product, on every machine), half the bytes a step streams; the step kernel then rounds each h_t to
-bfloat16 as it makes it, h being only ever a product's operand.
+With precision "bf16" the packed weights are bfloat16 (engine/bf16.py), half the bytes a step
+streams, in the machine's product (Dot's pairs where it has AVX512_BF16 and H is even, else
+Widen's singles), and the products read a bfloat16 copy of the state that the step kernel makes as
+it makes h; the output layer reads h in float32, as in training.
 """
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from charlstm.config import check_precision
 from charlstm.engine import bf16, packed, stream_kernels
 from charlstm.engine.jit import is_cached
+from charlstm.engine.target import BF16_PRODUCT
 from charlstm.errors import UserError
 from charlstm.model import views
 from charlstm.engine.threads import team
@@ -38,8 +40,11 @@ class Stream:
         check_precision(precision, dtype)
         fresh = lambda a: np.array(a, dtype=dtype, order="C")  # own, writable, C-contiguous copies
         (U, _, _, W), _, row = packed.packed_shapes(H, dtype)  # float32 lanes for either precision
-        Wf = np.zeros((L, U, 4, 2 * H if L > 1 else H, W), np.uint16 if precision == "bf16" else dtype)
-        pack = (lambda M, P: bf16.pack_rows(M, P, 0, U, False)) if precision == "bf16" else (
+        bfloat = precision == "bf16"
+        # Dot's pairs need an even K: layer 0's is H
+        pairs = bfloat and BF16_PRODUCT == "dot" and H % 2 == 0
+        Wf = np.zeros((L, U, 4, 2 * H if L > 1 else H, W), np.uint16 if bfloat else dtype)
+        pack = (lambda M, P: bf16.pack_rows(M, P, 0, U, pairs)) if bfloat else (
             lambda M, P: packed.pack_forward(M, P, 0, U))
         pack(fresh(w["l0.Wh"]), Wf[0])
         for l in range(1, L):
@@ -49,6 +54,8 @@ class Stream:
         self.net = (fresh(w["l0.Wx"].T), Wf, bias, peep, fresh(w["out.W"]), fresh(w["out.b"]))
         # each layer's input vector [h below | its own h], twice (stream_kernels.run_stream)
         self.state = np.zeros((2, L, 2 * H), dtype)
+        # the state as the products read it: itself in float32, a bfloat16 copy otherwise
+        self.statex = np.zeros((2, L, 2 * H), np.uint16 if pairs else dtype) if bfloat else self.state
         self.h, self.c = self.state[0, :, H:], np.zeros((L, H), dtype)
         self.work = (np.zeros(G, dtype), np.zeros(row, dtype), np.zeros(H, dtype),
                      np.zeros(V), np.zeros(V), np.zeros(V, np.int64))
@@ -57,11 +64,12 @@ class Stream:
 
     def reset(self):
         self.state[:] = 0
+        self.statex[:] = 0
         self.c[:] = 0
 
     def _run(self, feed, uniforms, inv_temp, top_k, greedy, out):
         team.together(lambda rank, threads, sync: stream_kernels.run_stream(
-            self.net, feed, self.state, self.c, uniforms, inv_temp, top_k, greedy, self.work, out,
+            self.net, feed, self.state, self.statex, self.c, uniforms, inv_temp, top_k, greedy, self.work, out,
             rank, threads, team.most, sync[0]))
 
     def feed(self, ids):

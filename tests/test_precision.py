@@ -215,17 +215,29 @@ def test_dynamic_static_pass_bf16_matches_the_emulation():
     assert abs(segments.score() - expected) < 1e-4
 
 
+@pytest.mark.parametrize("hidden", [19, 20])  # Dot's pairs need an even H: 19 falls back to Widen
+@pytest.mark.parametrize("product", ["dot", "widen"])
 @pytest.mark.parametrize("layers,peepholes", [(1, False), (2, True)])
-def test_stream_bf16_prime_leaves_the_emulations_state(layers, peepholes):
-    """The stream's h is its bfloat16 operand (rounded in place); c stays float32."""
-    params, config = make_model(layers, peepholes)
+def test_stream_bf16_prime_leaves_the_emulations_state(monkeypatch, layers, peepholes, product, hidden):
+    """The stream's h and c stay float32 (the output layer reads h as training's does); the
+    products read its operand copy, h rounded to bfloat16 (bits for Dot's pairs, values for Widen)."""
+    from charlstm.engine.target import BF16_PRODUCT
+
+    if product == "dot" and BF16_PRODUCT != "dot":
+        pytest.skip(f"this CPU's bfloat16 product is {BF16_PRODUCT}: no avx512_bf16 for Dot")
+    monkeypatch.setattr(sample, "BF16_PRODUCT", product)
+    params, config = make_model(layers, peepholes, hidden=hidden)
     ids = np.array([VOCAB.index(ch) for ch in TEXT])
     _, h, c = emulated(params, config, np.append(ids, 0))
     stream = sample.Stream(params, config, "bf16")
     stream.feed(ids)
-    assert np.abs(stream.h - emul.round_bf16(h)).max() <= 2 ** -7 * np.abs(h).max()
+    H = config.hidden
+    assert (stream.statex.dtype == np.uint16) == (product == "dot" and H % 2 == 0)
+    assert np.abs(stream.h - h).max() <= 2 ** -7 * np.abs(h).max()
     assert np.abs(stream.c - c).max() < 1e-3
-    assert np.array_equal(stream.h, emul.round_bf16(stream.h))
+    operand = stream.statex[0, :, H:]
+    as_values = emul.from_bits(operand) if operand.dtype == np.uint16 else operand
+    assert np.array_equal(as_values, emul.round_bf16(stream.h))
 
 
 def test_a_second_bf16_model_compiles_nothing_new():

@@ -37,14 +37,17 @@ def share_units(share, shares, U, W, H):
 
 
 @inline_kernel
-def step_share(Wf, v, a, peep, c_prev, c_new, tc, h_new, z, share, shares):
+def step_share(Wf, v, a, peep, c_prev, c_new, tc, h_new, hx_new, z, share, shares):
     """One step of one share of one layer's units.
 
-    Wf    (U, 4, Kmax, W)  the layer's weights against the input vector, packed (packed.pack_forward)
-    v     (K,)   the input vector: h_{t-1}, or for sampling's fused layers [h_t below | h_{t-1}]
+    Wf    (U, 4, Kmax, W)  the layer's weights against the input vector, packed: float
+          (packed.pack_forward), or bfloat16 (bf16.pack_rows: pairs for Dot, singles for Widen)
+    v     (K,)   the input vector as the product reads it: h_{t-1}, or for sampling's fused layers
+          [h_t below | h_{t-1}]; float with float Wf, else its bfloat16 operand copy
     a     (G,)   in: the rest of the pre-activation (bias, input term); out: the gates (this share's units)
     peep  (3H,) or (0,);  c_prev (H,) c_{t-1};  c_new (H,) out: c_t (may be c_prev)
     tc    (H,) out: tanh(c_t);  h_new (H,) out: h_t (must not alias v: other shares still read it)
+    hx_new (H,) out: h_t as the next products read it (h_new itself with float Wf; packed.to_operand)
     z     (4 * U * W,)  the products, gate-major (z[q*U*W + k]); shares write disjoint parts
     """
     U, _, Kmax, W = Wf.shape
@@ -54,16 +57,13 @@ def step_share(Wf, v, a, peep, c_prev, c_new, tc, h_new, z, share, shares):
     for u in range(u0, u0 + units):  # the unit block's 4 gate panels in one call
         row_product(v, 0, wf, u * 4 * Kmax * W, Kmax * W, K, z, u * W, width, 4)
     cell_units(a, z, width, peep, c_prev, c_new, h_new, tc, lo, hi)
-    # bfloat16 weights (uint16 Wf, bf16.py's singles: the Widen product): h_t is only ever a
-    # product's operand (the next char's, the layer above's, the output layer's), so it is
-    # rounded to bfloat16 in place; float weights leave it as it is.
-    to_operand(h_new[lo:hi], h_new[lo:hi], Wf)
+    to_operand(h_new[lo:hi], hx_new[lo:hi], Wf)
 
 
 # ---------------------------------------------------------------- sampling's entry point (Team.together)
 
 @kernel
-def run_stream(net, feed, state, c, u, inv_temp, top_k, greedy, work, out, rank, threads, shares, sync):
+def run_stream(net, feed, state, statex, c, u, inv_temp, top_k, greedy, work, out, rank, threads, shares, sync):
     """Advance one stream through every layer, a char at a time: feed the ids feed (n,), then
     draw out.shape[0] ids, each from the state after the previous id (the last fed id for the
     first), with the uniform u[k], feeding each drawn id but the last. A call with no ids to draw
@@ -75,6 +75,9 @@ def run_stream(net, feed, state, c, u, inv_temp, top_k, greedy, work, out, rank,
            in two copies: char n reads copy n % 2 and writes copy 1 - n % 2, so a thread writing
            its units never overwrites what another still reads. Layer 0's vector is its second
            half. Between calls the state is copy 0's second halves.
+    statex (2, L, 2H)  the state as the products read it: state itself with float Wf, else its
+           bfloat16 copy (uint16 bits for Dot's pairs, rounded float32 for Widen), made as h is;
+           the output layer reads the float32 state, as training's does
     c     (L, H) in/out;  work (a (G,), z (4*U*W,), tc (H,), logits (V,) float64, p (V,) float64,
            order (V,) int64);  inv_temp, top_k, greedy as in draw
     Thread 0 draws, and the others meet it once more to read the drawn id.
@@ -89,6 +92,7 @@ def run_stream(net, feed, state, c, u, inv_temp, top_k, greedy, work, out, rank,
     for n in range(steps):
         x = feed[n] if n < n_feed else out[n - n_feed]
         now, after = state[n % 2], state[1 - n % 2]
+        nowx, afterx = statex[n % 2], statex[1 - n % 2]
         for l in range(L):
             for share in range(rank, shares, threads):
                 _, _, lo, hi = share_units(share, shares, U, W, H)
@@ -96,11 +100,12 @@ def run_stream(net, feed, state, c, u, inv_temp, top_k, greedy, work, out, rank,
                 for q in range(4):
                     for j in range(q * H + lo, q * H + hi):
                         a[j] = column[j] + b[j] if l == 0 else b[j]
-                v = now[0, H:] if l == 0 else now[l]
-                h_new = after[l, H:]
-                step_share(Wf[l], v, a, peep[l], c[l], c[l], tc, h_new, z, share, shares)
-                if l + 1 < L:
-                    now[l + 1, lo:hi] = h_new[lo:hi]  # the layer above's input, this char
+                v = nowx[0, H:] if l == 0 else nowx[l]
+                h_new, hx_new = after[l, H:], afterx[l, H:]
+                step_share(Wf[l], v, a, peep[l], c[l], c[l], tc, h_new, hx_new, z, share, shares)
+                if l + 1 < L:  # the layer above's input, this char
+                    now[l + 1, lo:hi] = h_new[lo:hi]
+                    nowx[l + 1, lo:hi] = hx_new[lo:hi]
             meeting += 1
             if not meet(sync, meeting, threads):
                 return
@@ -118,6 +123,7 @@ def run_stream(net, feed, state, c, u, inv_temp, top_k, greedy, work, out, rank,
             _, _, lo, hi = share_units(share, shares, U, W, H)
             for l in range(L):
                 state[0, l, H + lo:H + hi] = state[1, l, H + lo:H + hi]
+                statex[0, l, H + lo:H + hi] = statex[1, l, H + lo:H + hi]
 
 
 # ---------------------------------------------------------------- the output layer of one stream
