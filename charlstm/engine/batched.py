@@ -5,17 +5,19 @@ kernels.py; BLAS has no bfloat16 product). Per layer above 0 and per layer (N = 
     dH below      dH (N, H) = dA (N, G) @ Wx             x: dA's operand copy, panels: Wx by columns
     weight grads  dW (G, H) = dA^T (G, N) @ X (N, H)    x: dA^T's copy,       panels: X by columns
 
-`product_rows` multiplies rows of x by every panel into a float32 `wide` array whose columns are
-the panels' W lanes in panel order; the shapes' tails (units past H) land in its pad columns, and
-one pass (`scatter_gates`, `copy_columns`) moves the real columns into place, adding the bias for
-the input terms. The k loop runs in chunks, so a chunk of a panel pair stays in L1 while every
-block of rows reads it (packed.rows_times_pair: each block continues its sums from out, the same
-chain of fmas as one call). Every output is one chain in k order, whichever thread and rows cut
+`product_rows` multiplies rows of x by every panel into a float32 array whose columns are the
+panels' W lanes in panel order: the result itself when its width is the panels' (H a multiple of
+2W: network._into), else a padded `wide` array whose pad columns take the units past H, and one
+pass (`scatter_gates`, `copy_columns`) moves the real columns into place, adding the bias for the
+input terms (whose panels are in unit-block order, not gate order). The k loop runs in chunks,
+so a chunk of a panel pair stays in L1 while every block of rows reads it (packed.rows_times_pair:
+each block continues its sums from out, the same chain of fmas as one call). Every output is one chain in k order, whichever thread and rows cut
 holds it, so the bytes do not depend on the thread count.
 """
 from charlstm.engine.bf16 import transpose_block
 from charlstm.engine.jit import kernel
 from charlstm.engine.packed import PANELS, rows_times_pair
+
 
 @kernel
 def product_rows(x, P, wide, lo, hi):

@@ -214,8 +214,7 @@ def _weight_grad_bf16(ws, X, dW, transpose):
     team.run(lambda lo, hi, slot: bf16.pack_columns(X, ws.columns, lo, hi, ws.pairs), team.shares(Ub, 1))
 
     def share(lo, hi):
-        batched.product_rows(ws.dAT, ws.columns, ws.wide_grad, lo, hi)
-        batched.copy_columns(ws.wide_grad, dW, lo, hi)
+        _into(ws.dAT, ws.columns, ws.wide_grad, dW, lo, hi)
     _by_rows(G, share)
 
 
@@ -227,10 +226,20 @@ def _passed_down_bf16(ws, l, Wx):
     team.run(lambda lo, hi, slot: bf16.pack_columns(Wx, ws.Wb, lo, hi, ws.pairs), team.shares(ws.Wb.shape[0], 1))
 
     def share(lo, hi):
-        batched.product_rows(dAx2, ws.Wb, ws.wide, lo, hi)
-        batched.copy_columns(ws.wide, dH2, lo, hi)
+        _into(dAx2, ws.Wb, ws.wide, dH2, lo, hi)
         ws.drop_grad(l - 1, dH2, lo, hi)
     _by_rows(N, share)
+
+
+def _into(x, panels, wide, out, lo, hi):
+    """Rows lo..hi-1 of out (R, C) = x @ the panels (batched.product_rows): straight into out when
+    its rows are exactly the panels' columns (C a multiple of the panel pairs' width), else through
+    the padded `wide` and a copy of the real columns."""
+    if out.shape[1] == panels.shape[0] * panels.shape[2]:
+        batched.product_rows(x, panels, out, lo, hi)
+    else:
+        batched.product_rows(x, panels, wide, lo, hi)
+        batched.copy_columns(wide, out, lo, hi)
 
 
 def loss(params, ws, y):
