@@ -32,6 +32,17 @@ def run(cmd):
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
+def cpu_name():
+    """The CPU's model name, with its family and model on Linux (a VM often names only the vendor)."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peer", default=str(ROOT / "benchmarks" / "peer_torch.py"))
@@ -46,6 +57,7 @@ def main():
         raise SystemExit("the PyTorch peer needs torch: pip install -e '.[bench]'")
     grid = [tuple(map(int, shape.split("x"))) for shape in args.shapes] if args.shapes else GRID
     peak = float(run([sys.executable, "-c", "from charlstm.bench import sgemm_peak; print(sgemm_peak())"]))
+    print(f"CPU: {cpu_name()}, {args.threads} threads")
     print(f"big sgemm peak (2048^3 float32, same BLAS): {peak:.0f} GFLOP/s\n")
     bf16 = args.precision == "bf16"
     if bf16:
