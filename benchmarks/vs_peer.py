@@ -10,9 +10,9 @@ the ratio of the medians, and our GFLOP/s as a share of the big-sgemm peak measu
 the same run. Both time full training steps (forward, backward, value clipping, RMSprop: charlstm's
 defaults) without dropout. With --precision bf16 each round also runs charlstm in bfloat16
 (`charlstm bench --precision bf16`), and the table adds its chars/s, its ratio to the peer and to
-charlstm's own float32, and which bfloat16 product ran (target.BF16_PRODUCT). The peer needs torch: pip install -e '.[bench]'. Run it on an idle
-machine: on 2 cores any background job halves the figures, and even idle this VM's speed drifts by
-20-40% from run to run, hence the medians.
+charlstm's own float32, and which bfloat16 product ran (target.BF16_PRODUCT). The peer needs torch:
+pip install -e '.[bench]'. Run it on an idle machine: on 2 cores any background job halves the
+figures, and even idle this VM's speed drifts by 20-40% from run to run, hence the medians.
 """
 import argparse
 import importlib.util
@@ -37,7 +37,8 @@ def cpu_name():
     try:
         info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
         fields = {k.strip(): v.strip() for k, v in info.items()}
-        return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+        family, model = fields.get("cpu family", "?"), fields.get("model", "?")
+        return f"{fields.get('model name', '?')} (family {family} model {model})"
     except OSError:
         import platform
         return platform.processor() or platform.machine()

@@ -11,8 +11,9 @@ panels' W lanes in panel order: the result itself when its width is the panels' 
 pass (`scatter_gates`, `copy_columns`) moves the real columns into place, adding the bias for the
 input terms (whose panels are in unit-block order, not gate order). The k loop runs in chunks,
 so a chunk of a panel pair stays in L1 while every block of rows reads it (packed.rows_times_pair:
-each block continues its sums from out, the same chain of fmas as one call). Every output is one chain in k order, whichever thread and rows cut
-holds it, so the bytes do not depend on the thread count.
+each block continues its sums from out, the same chain of fmas as one call). Every output is one
+chain in k order, whichever thread and rows cut holds it, so the bytes do not depend on the thread
+count.
 """
 from charlstm.engine.bf16 import transpose_block
 from charlstm.engine.jit import kernel

@@ -117,9 +117,11 @@ def emit_block_product(context, builder, sig, args, rows, panels, product):
     x_rows = [builder.gep(x_ptr, [builder.add(x_off, builder.mul(x_stride, ir.Constant(i64, m)))]) for m in range(rows)]
     w_panels = [builder.gep(w_ptr, [builder.add(w_off, builder.mul(panel_stride, ir.Constant(i64, p)))])
                 for p in range(panels)]
-    outs = [[builder.bitcast(builder.gep(out_ptr, [builder.add(builder.add(out_off, builder.mul(out_row_stride, ir.Constant(i64, m))),
-                                                               builder.mul(out_panel_stride, ir.Constant(i64, p)))]),
-                             vty.as_pointer()) for p in range(panels)] for m in range(rows)]
+    def out_at(m, p):  # out's vector of row m, panel p
+        at = builder.add(builder.add(out_off, builder.mul(out_row_stride, ir.Constant(i64, m))),
+                         builder.mul(out_panel_stride, ir.Constant(i64, p)))
+        return builder.bitcast(builder.gep(out_ptr, [at]), vty.as_pointer())
+    outs = [[out_at(m, p) for p in range(panels)] for m in range(rows)]
     zero = ir.Constant(vty, [ir.Constant(product.vty.element, 0.0)] * W)
     # A sum continued from out is the same chain of fmas as one call over both ranges of k: a
     # float32 stored and loaded is exact.

@@ -182,8 +182,8 @@ def backward_grid(gates, c, tc, peep, Wh, Wb, dH, dA, dAx, dh, dc, scratch, rank
                 cell_grad_units(gates[t, st], dA[t, st], peep, c[t, st], tc[t, st], dH[t, st], dc[st], scratch[st],
                                 units_lo, units_hi)
                 for q in range(4):
-                    to_operand(dA[t, st, q * H + units_lo:q * H + units_hi], dAx[t, st, q * H + units_lo:q * H + units_hi],
-                               Wb)
+                    lo_q, hi_q = q * H + units_lo, q * H + units_hi
+                    to_operand(dA[t, st, lo_q:hi_q], dAx[t, st, lo_q:hi_q], Wb)
         if not _meet(sync, T - t, first, rank, threads, groups, unit_groups):
             return
     for cell in range(rank, cells, threads):  # dloss/dh_0 = dA[0] @ Wh, for the caller
