@@ -12,6 +12,7 @@ fresh process, jumped into a thread pool that was never launched (numba#8578), a
 cached as optimized a second time rounded differently from the copy the compiling process ran,
 so a cold and a warm run trained different bytes. tests/test_jit.py checks that none exists.
 """
+import hashlib
 import math
 import os
 import sys
@@ -49,6 +50,17 @@ def kernel(fn, **options):
     return dispatcher
 
 
+def _engine_digest():
+    """A hash of the engine's sources (charlstm/engine/*.py): what every cached kernel was built from."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")):
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
+
+
+ENGINE_DIGEST = _engine_digest()
 _disk_cache = True  # False once Numba found no folder to cache in: then no kernel tries again
 _warned = False
 
@@ -61,8 +73,12 @@ class _SoftCache(FunctionCache):
         # Numba keys an entry on the signature, the target (triple, CPU, features) and the code;
         # the micro-kernel's shape is a Python-level choice it cannot see, and a forced one
         # (CHARLSTM_KERNEL_SHAPE) must never load kernels compiled for another; nor a forced
-        # bfloat16 product (CHARLSTM_BF16_PRODUCT) kernels packed for the other.
-        return super()._index_key(sig, codegen) + (SHAPE.name, BF16_PRODUCT)
+        # bfloat16 product (CHARLSTM_BF16_PRODUCT) kernels packed for the other. Numba also sees
+        # only the kernel's own file, yet caches it with its callees from other files linked in:
+        # after an edit of bf16.py, recurrent.backward_grid kept loading the old pack_columns
+        # (5x slower) until the cache was cleared. ENGINE_DIGEST, of every engine source, retires
+        # every entry when any of them changes.
+        return super()._index_key(sig, codegen) + (SHAPE.name, BF16_PRODUCT, ENGINE_DIGEST)
 
     def load_overload(self, sig, target_context):
         try:
