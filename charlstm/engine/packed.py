@@ -14,18 +14,20 @@ NEON; half as many doubles), each panel K-major so the micro-kernel reads it as 
               PANELS consecutive unit blocks per call (Ub a multiple of PANELS).
 Units past H are zero rows (H need not be a multiple of LANES); their outputs are never read.
 
-The micro-kernel, `block_product`, computes ROWS x 4 vector accumulators over the whole K loop in
-registers: out[m, p, :] = sum_k x[m, k] * w[p, k, :], for m < rows <= ROWS rows of x (streams)
-and 4 panels. LLVM does not vectorize such loops written in Numba (3-4 GFLOP/s measured, all
+The micro-kernel, `block_product`, computes ROWS x PANELS vector accumulators over a K loop in
+registers: out[m, p, :] (+)= sum_k x[m, k] * w[p, k, :], for m < rows <= ROWS rows of x (streams)
+and PANELS panels. LLVM does not vectorize such loops written in Numba (3-4 GFLOP/s measured, all
 scalar), so it is emitted as LLVM IR through numba.extending.intrinsic: vector loads of the
-panels, a broadcast of each x entry, llvm.fma on <LANES x float>. Every output is a sum over k in
-ascending order by fma, whatever `rows` is, so a stream's result does not depend on which
-streams share its block (or thread): runs are the same bytes for any thread count.
+panels, a broadcast of each x entry, a multiply-add per panel and row: llvm.fma on <LANES x float>,
+or in bfloat16 one of products.py's (the arrays' dtypes choose; bf16.py packs for them). Every
+output is a sum over k in ascending order, whatever `rows` is, and a call may continue the sums
+a call before it left (`accumulate`), which is the same chain: a stream's result does not depend
+on which streams share its block (or thread), nor on how K is cut into calls (rows_times_pair's
+chunks), so runs are the same bytes for any thread count.
 """
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from charlstm.engine import bf16, products
