@@ -283,24 +283,23 @@ def pack_rows_any(M, P, lo, hi, x):
     for bfloat16 x, singles for float32 x)."""
 
 
-@overload(pack_rows_any, inline="always")
-def _pack_rows_any(M, P, lo, hi, x):
-    if P.dtype == types.uint16:
-        pairs = x.dtype == types.uint16
-        return lambda M, P, lo, hi, x: bf16.pack_rows(M, P, lo, hi, pairs)
-    return lambda M, P, lo, hi, x: pack_forward(M, P, lo, hi)
-
-
 def pack_columns_any(M, P, lo, hi, x):
     """Panels lo..hi-1 of P = the columns of M (pack_columns) in P's dtype, as pack_rows_any."""
 
 
-@overload(pack_columns_any, inline="always")
-def _pack_columns_any(M, P, lo, hi, x):
-    if P.dtype == types.uint16:
-        pairs = x.dtype == types.uint16
-        return lambda M, P, lo, hi, x: bf16.pack_columns(M, P, lo, hi, pairs)
-    return lambda M, P, lo, hi, x: pack_columns(M, P, lo, hi)
+def _overload_packer(stub, float_packer, bfloat_packer):
+    """stub(M, P, lo, hi, x) calls float_packer(M, P, lo, hi) for float P, else
+    bfloat_packer(M, P, lo, hi, pairs) with pairs for a bfloat16 operand x."""
+    @overload(stub, inline="always")
+    def choose(M, P, lo, hi, x):
+        if P.dtype == types.uint16:
+            pairs = x.dtype == types.uint16
+            return lambda M, P, lo, hi, x: bfloat_packer(M, P, lo, hi, pairs)
+        return lambda M, P, lo, hi, x: float_packer(M, P, lo, hi)
+
+
+_overload_packer(pack_rows_any, pack_forward, bf16.pack_rows)
+_overload_packer(pack_columns_any, pack_columns, bf16.pack_columns)
 
 
 def to_operand(src, dst, w):
