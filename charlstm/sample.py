@@ -1,10 +1,12 @@
-"""Sampling: prime the state, step one character at a time, temperature / top-k / argmax, stream out.
+"""Sampling: prime the state, step one character at a time, temperature / top-k / top-p / argmax, stream out.
 
-`Stream` holds one stream of a model: its weights laid out once for the step kernel (layer 0's
-Wx transposed so the one-hot input is a row lookup; layer 0's Wh and the fused [Wx | Wh] (G, 2H)
-of each layer above packed for the one-row micro-kernel, so a step reads each weight once), its
-state h, c (L, H), and workspaces. A step's units are split across the team
-(stream_kernels.run_stream).
+`Streams` holds a model's weights laid out once for the step kernel (layer 0's Wx transposed so the
+one-hot input is a row lookup; layer 0's Wh and the fused [Wx | Wh] (G, 2H) of each layer above
+packed for the micro-kernel, so a step reads each weight once for all its streams), the state h, c
+of up to `capacity` streams, and workspaces. `step` advances the first B of them together, a char
+each a step (stream_kernels.run_streams), the step's units split across the team. `Stream` is one
+of them, as `charlstm sample` steps it; the server (serve/) steps many, joining and leaving
+between calls.
 
 `generate` yields the text of one sample in pieces as it is made: the prime, then chunks of
 generated characters. A chunk is one kernel call given pre-drawn uniforms, so the output for a
@@ -28,18 +30,17 @@ from charlstm.model import views
 from charlstm.engine.threads import team
 
 CHUNK_MIN, CHUNK_MAX = 64, 2048  # characters per kernel call
-NO_UNIFORMS, NO_IDS = np.zeros(0), np.zeros(0, np.int64)  # a feed draws nothing
 
 
-class Stream:
-    """One stream of a model, stepped one character at a time. State starts at zero."""
+class Streams:
+    """Up to `capacity` streams of one model, stepped together. Every stream's state starts at zero."""
 
-    def __init__(self, params, config, precision="f32"):
+    def __init__(self, params, config, precision="f32", capacity=1):
         L, H, V, G = config.layers, config.hidden, config.vocab_size, 4 * config.hidden
         w, dtype = views(params, config), np.dtype(config.dtype)
         check_precision(precision, dtype)
         fresh = lambda a: np.array(a, dtype=dtype, order="C")  # own, writable, C-contiguous copies
-        (U, _, _, W), _, row = packed.packed_shapes(H, dtype)  # float32 lanes for either precision
+        (U, _, _, W), _, _ = packed.packed_shapes(H, dtype)  # float32 lanes for either precision
         bfloat = precision == "bf16"
         # Dot's pairs need an even K: layer 0's is H
         pairs = bfloat and BF16_PRODUCT == "dot" and H % 2 == 0
@@ -52,43 +53,84 @@ class Stream:
         bias = fresh([w[f"l{l}.b"] for l in range(L)])
         peep = fresh([w[f"l{l}.p"] for l in range(L)]) if config.peepholes else np.zeros((L, 0), dtype)
         self.net = (fresh(w["l0.Wx"].T), Wf, bias, peep, fresh(w["out.W"]), fresh(w["out.b"]))
-        # each layer's input vector [h below | its own h], twice (stream_kernels.run_stream)
-        self.state = np.zeros((2, L, 2 * H), dtype)
+        # each layer's input vector [h below | its own h], twice (stream_kernels.run_streams)
+        self.state = np.zeros((capacity, 2, L, 2 * H), dtype)
         # the state as the products read it: itself in float32, a bfloat16 copy otherwise
-        self.statex = np.zeros((2, L, 2 * H), np.uint16 if pairs else dtype) if bfloat else self.state
-        self.h, self.c = self.state[0, :, H:], np.zeros((L, H), dtype)
-        self.work = (np.zeros(G, dtype), np.zeros(row, dtype), np.zeros(H, dtype),
-                     np.zeros(V), np.zeros(V), np.zeros(V, np.int64))
-        self.config = config
+        self.statex = np.zeros_like(self.state, np.uint16 if pairs else dtype) if bfloat else self.state
+        self.c = np.zeros((capacity, L, H), dtype)
+        self.work = (np.zeros((capacity, G), dtype), np.zeros((capacity, 4 * U * W), dtype),
+                     np.zeros((capacity, H), dtype), np.zeros((capacity, V)), np.zeros((capacity, V)),
+                     np.zeros((capacity, V), np.int64))
+        self.config, self.capacity = config, capacity
         self.codes = np.frombuffer(config.vocab.encode("utf-32-le"), dtype=np.uint32)  # id -> code point
+        self.index = {ch: i for i, ch in enumerate(config.vocab)}
 
-    def reset(self):
-        self.state[:] = 0
-        self.statex[:] = 0
-        self.c[:] = 0
+    def h(self, row):
+        """Stream `row`'s h (L, H), as the next step reads it."""
+        return self.state[row, 0, :, self.config.hidden:]
 
-    def _run(self, feed, uniforms, inv_temp, top_k, greedy, out):
-        team.together(lambda rank, threads, sync: stream_kernels.run_stream(
-            self.net, feed, self.state, self.statex, self.c, uniforms, inv_temp, top_k, greedy, self.work, out,
+    def reset(self, row):
+        """Stream `row` back to zero state."""
+        self.state[row] = 0
+        self.statex[row] = 0
+        self.c[row] = 0
+
+    def move(self, src, dst):
+        """Stream `src`'s state into row `dst` (a server closing a gap in its rows)."""
+        self.state[dst] = self.state[src]
+        if self.statex is not self.state:
+            self.statex[dst] = self.statex[src]
+        self.c[dst] = self.c[src]
+
+    def step(self, ids, uniforms, inv_temp, top_k, top_p, greedy):
+        """Advance streams 0..B-1 n steps (stream_kernels.run_streams): ids (B, n) the inputs, -1 for
+        the id drawn a step before; uniforms (B, n) the draws, negative for none; the settings (B,)
+        each. Returns the drawn ids (B, n), -1 where none."""
+        B = ids.shape[0]
+        if B > self.capacity or (ids.shape[1] and ids[:, 0].min() < 0) or ids.max(initial=0) >= self.config.vocab_size:
+            raise ValueError("step: more streams than rows, a first input not given, or an id outside the vocabulary")
+        out = np.empty(ids.shape, dtype=np.int64)
+        how = (np.asarray(inv_temp, float), np.asarray(top_k, np.int64), np.asarray(top_p, float),
+               np.asarray(greedy, np.bool_))
+        work = tuple(w[:B] for w in self.work)
+        team.together(lambda rank, threads, sync: stream_kernels.run_streams(
+            self.net, ids, uniforms, how, self.state[:B], self.statex[:B], self.c[:B], work, out,
             rank, threads, team.most, sync[0]))
-
-    def feed(self, ids):
-        """Advance the state through the ids (a prime)."""
-        self._run(np.asarray(ids, dtype=np.int64), NO_UNIFORMS, 1.0, 0, False, NO_IDS)
-
-    def run(self, x, uniforms, temperature=1.0, top_k=0, greedy=False):
-        """Feed id x, then draw and feed one id per uniform; returns the drawn ids (n,) int64."""
-        out = np.empty(len(uniforms), dtype=np.int64)
-        self._run(np.array([x], dtype=np.int64), np.asarray(uniforms, float), 1.0 / temperature, top_k or 0,
-                  bool(greedy), out)
         return out
 
     def decode(self, ids):
         return self.codes[ids].tobytes().decode("utf-32-le")
 
     def encode(self, text):
-        index = {ch: i for i, ch in enumerate(self.config.vocab)}
-        return np.array([index[ch] for ch in text], dtype=np.int64)
+        return np.array([self.index[ch] for ch in text], dtype=np.int64)
+
+
+class Stream(Streams):
+    """One stream of a model, stepped one character at a time. State starts at zero."""
+
+    def __init__(self, params, config, precision="f32"):
+        super().__init__(params, config, precision, capacity=1)
+
+    @property
+    def h(self):
+        return super().h(0)
+
+    def reset(self):
+        super().reset(0)
+
+    def feed(self, ids):
+        """Advance the state through the ids (a prime)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids):
+            self.step(ids[None], np.full((1, len(ids)), -1.0), [1.0], [0], [1.0], [False])
+
+    def run(self, x, uniforms, temperature=1.0, top_k=0, greedy=False, top_p=1.0):
+        """Feed id x, then draw and feed one id per uniform; returns the drawn ids (n,) int64."""
+        n = len(uniforms)
+        ids = np.full((1, n), -1, np.int64)
+        ids[0, 0] = x
+        return self.step(ids, np.asarray(uniforms, float)[None], [1.0 / temperature], [top_k or 0], [top_p],
+                         [bool(greedy)])[0]
 
 
 def show_chars(chars, limit=20):
@@ -132,7 +174,7 @@ class _StopMatcher:
         return piece, False
 
 
-def generate(stream, rng, length, prime="", temperature=1.0, top_k=0, greedy=False, stop=None):
+def generate(stream, rng, length, prime="", temperature=1.0, top_k=0, greedy=False, stop=None, top_p=1.0):
     """Yield one sample as text pieces: the prime (whose characters must be in the vocabulary),
     then up to `length` generated characters, ending early right after `stop` if it appears.
 
@@ -157,7 +199,7 @@ def generate(stream, rng, length, prime="", temperature=1.0, top_k=0, greedy=Fal
     size = CHUNK_MIN
     while remaining > 0:
         n = min(size, remaining)
-        ids = stream.run(x, rng.random(n), temperature, top_k, greedy)
+        ids = stream.run(x, rng.random(n), temperature, top_k, greedy, top_p)
         x, remaining, size = int(ids[-1]), remaining - n, min(2 * size, CHUNK_MAX)
         piece, done = stopper.cut(stream.decode(ids))
         yield piece
@@ -190,7 +232,7 @@ def read_prime(prime, prime_file):
 def write_samples(out, params, config, seed, samples, length, prime="", precision="f32", **settings):
     """Write `samples` samples to the text stream `out` as they are generated, flushing each piece.
     Each sample ends with a newline; a blank line separates samples. `settings`: temperature,
-    top_k, greedy, stop as in generate. seed None draws fresh entropy (every run differs)."""
+    top_k, top_p, greedy, stop as in generate. seed None draws fresh entropy (every run differs)."""
     stream = Stream(params, config, precision)
     rng = np.random.Generator(np.random.PCG64(seed))
     for i in range(samples):
@@ -206,4 +248,4 @@ def write_samples(out, params, config, seed, samples, length, prime="", precisio
 def kernels_cached(config, precision="f32"):
     """Whether the sampling kernels for this model are in Numba's disk cache (so no compile is coming)."""
     extra = (bf16.pack_rows,) if precision == "bf16" else ()
-    return is_cached(stream_kernels.run_stream, *extra)
+    return is_cached(stream_kernels.run_streams, *extra)

@@ -235,7 +235,7 @@ def test_stream_bf16_prime_leaves_the_emulations_state(monkeypatch, layers, peep
     assert (stream.statex.dtype == np.uint16) == (product == "dot" and H % 2 == 0)
     assert np.abs(stream.h - h).max() <= 2 ** -7 * np.abs(h).max()
     assert np.abs(stream.c - c).max() < 1e-3
-    operand = stream.statex[0, :, H:]
+    operand = stream.statex[0, 0, :, H:]
     as_values = emul.from_bits(operand) if operand.dtype == np.uint16 else operand
     assert np.array_equal(as_values, emul.round_bf16(stream.h))
 
@@ -250,7 +250,7 @@ def test_a_second_bf16_model_compiles_nothing_new():
         "".join(sample.generate(sample.Stream(params, config, "bf16"), np.random.default_rng(0), 20))
 
     use(2, True, 0)
-    used = [recurrent.forward_grid, stream_kernels.run_stream, bf16.round_rows, bf16.pack_rows]
+    used = [recurrent.forward_grid, stream_kernels.run_streams, bf16.round_rows, bf16.pack_rows]
     counts = [len(k.signatures) for k in used]
     use(1, False, 1)
     use(3, True, 2)

@@ -35,7 +35,7 @@ def ref_logits(params, config, ids):
     return top[-1][0] @ p["out.W"].T + p["out.b"], h[:, 0], c[:, 0]
 
 
-def ref_sample(params, config, prime, length, seed, temperature=1.0, top_k=0, greedy=False):
+def ref_sample(params, config, prime, length, seed, temperature=1.0, top_k=0, greedy=False, top_p=1.0):
     """The reference sampler: recompute the whole history each step, draw by inverse CDF with the
     same uniforms (one rng.random() per generated char, in order)."""
     rng = np.random.Generator(np.random.PCG64(seed))
@@ -47,9 +47,12 @@ def ref_sample(params, config, prime, length, seed, temperature=1.0, top_k=0, gr
             ids.append(int(np.argmax(logits)))
             continue
         order = np.arange(len(VOCAB))  # the CDF runs in id order, or over the top k, largest first
-        if top_k:
-            order = np.argsort(-logits, kind="stable")[:top_k]  # ties: lower id first
+        if top_k or top_p < 1:
+            order = np.argsort(-logits, kind="stable")[:top_k or None]  # ties: lower id first
         p = np.exp((logits[order] - logits[order].max()) / temperature)
+        if top_p < 1:  # the nucleus: up to the first id whose running sum reaches top_p of the whole
+            running = np.cumsum(p)
+            p = p[:np.argmax(running >= top_p * running[-1]) + 1]
         ids.append(int(order[np.searchsorted(np.cumsum(p), u * p.sum(), side="right")]))
     return "".join(VOCAB[i] for i in ids)
 
@@ -104,12 +107,28 @@ def test_top_k_1_is_argmax():
 def test_top_k_draws_only_the_k_largest_with_ties_to_the_lower_id():
     logits = np.array([0.0, 3.0, 1.0, 3.0, 2.0, -1.0])
     order, p = np.zeros(6, np.int64), np.zeros(6)
-    assert stream_kernels.select_top(logits, 3, order) == 3 and list(order[:3]) == [1, 3, 4]
-    assert stream_kernels.select_top(logits, 1, order) == 1 and order[0] == 1
-    assert stream_kernels.select_top(logits, 6, order) == 6 and list(order) == list(range(6))
-    drawn = {stream_kernels.draw(logits, 1.0, 2, False, u, p, order) for u in np.linspace(0, 0.999, 50)}
+    assert stream_kernels.select_top(logits, 3, order, False) == 3 and list(order[:3]) == [1, 3, 4]
+    assert stream_kernels.select_top(logits, 1, order, False) == 1 and order[0] == 1
+    assert stream_kernels.select_top(logits, 6, order, False) == 6 and list(order) == list(range(6))
+    drawn = {stream_kernels.draw(logits, 1.0, 2, 1.0, False, u, p, order) for u in np.linspace(0, 0.999, 50)}
     assert drawn == {1, 3}
-    assert stream_kernels.draw(logits, 1.0, 0, True, 0.5, p, order) == 1  # argmax: the first of the tie
+    assert stream_kernels.draw(logits, 1.0, 0, 1.0, True, 0.5, p, order) == 1  # argmax: the first of the tie
+
+
+@pytest.mark.parametrize("top_p, top_k", [(0.9, 0), (0.5, 0), (0.3, 5), (1e-9, 0)])
+def test_top_p_against_the_reference(top_p, top_k):
+    params, config = make_model(dtype="float64", scale=0.6)
+    got = run(params, config, 80, prime="Ca", seed=4, top_p=top_p, top_k=top_k, temperature=0.9)
+    assert got == ref_sample(params, config, "Ca", 80, 4, temperature=0.9, top_k=top_k, top_p=top_p)
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = np.log(np.array([0.1, 0.4, 0.05, 0.3, 0.15]))
+    order, p = np.zeros(5, np.int64), np.zeros(5)
+    us = np.linspace(0, 0.999, 200)
+    assert {stream_kernels.draw(logits, 1.0, 0, 0.7, False, u, p, order) for u in us} == {1, 3}  # 0.4 + 0.3
+    assert {stream_kernels.draw(logits, 1.0, 0, 0.71, False, u, p, order) for u in us} == {1, 3, 4}
+    assert {stream_kernels.draw(logits, 1.0, 0, 0.01, False, u, p, order) for u in us} == {1}
 
 
 def test_temperature_sharpens_and_flattens():
@@ -117,13 +136,44 @@ def test_temperature_sharpens_and_flattens():
     logits = np.array([0.0, 1.0, 2.0])
     order, p = np.zeros(3, np.int64), np.zeros(3)
     us = np.random.default_rng(0).random(4000)
-    share = {t: np.mean([stream_kernels.draw(logits, 1 / t, 0, False, u, p, order) == 2 for u in us]) for t in (0.5, 1, 2)}
+    share = {t: np.mean([stream_kernels.draw(logits, 1 / t, 0, 1.0, False, u, p, order) == 2 for u in us]) for t in (0.5, 1, 2)}
     assert share[0.5] > share[1] > share[2] > 1 / 3
     assert abs(share[1] - np.exp(2) / np.exp([0, 1, 2]).sum()) < 0.03
-    assert {stream_kernels.draw(logits, 1e4, 0, False, u, p, order) for u in us} == {2}  # near zero: argmax
+    assert {stream_kernels.draw(logits, 1e4, 0, 1.0, False, u, p, order) for u in us} == {2}  # near zero: argmax
 
 
 # ---------------------------------------------------------------------------------- the stream
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_streams_stepped_together_give_each_the_text_it_gets_alone(dtype):
+    """Five streams of one batch (other primes, seeds and settings, joining at other calls) draw
+    exactly the ids each draws alone: a stream's arithmetic does not depend on its neighbours."""
+    params, config = make_model(dtype=dtype, hidden=21)  # H not a multiple of the lanes
+    settings = [dict(temperature=1.0), dict(temperature=0.7, top_k=4), dict(top_p=0.8), dict(greedy=True),
+                dict(temperature=1.3, top_k=2, top_p=0.9)]
+    primes = ["Ca", "RO", "a", "Come, ", "b"]
+    n, B = 40, len(settings)
+    alone = []
+    for b in range(B):
+        stream, rng = sample.Stream(params, config), np.random.default_rng(b)
+        stream.feed(stream.encode(primes[b][:-1]))
+        alone.append(stream.run(stream.encode(primes[b])[-1], rng.random(n), **settings[b]))
+    batch = sample.Streams(params, config, capacity=8)
+    ids, u = np.full((B, n + 6), -1, np.int64), np.full((B, n + 6), -1.0)
+    for b in range(B):  # each prime fed in the batch, its draws start after its last char
+        p = batch.encode(primes[b])
+        ids[b, :len(p)] = p
+        u[b, len(p) - 1:len(p) - 1 + n] = np.random.default_rng(b).random(n)
+    how = [[1 / s.get("temperature", 1.0) for s in settings], [s.get("top_k", 0) for s in settings],
+           [s.get("top_p", 1.0) for s in settings], [s.get("greedy", False) for s in settings]]
+    first = batch.step(ids[:, :3], u[:, :3], *how)
+    rest = ids[:, 3:].copy()
+    rest[:, 0] = np.where(rest[:, 0] < 0, first[:, -1], rest[:, 0])  # a call starts from the id drawn last
+    out = np.concatenate([first, batch.step(rest, u[:, 3:], *how)], axis=1)
+    for b in range(B):
+        drawn = out[b][out[b] >= 0]
+        assert list(drawn[:n]) == list(alone[b]), b
+
 
 def test_same_seed_same_text_other_seed_other_text():
     params, config = make_model(dtype="float32")
@@ -190,14 +240,14 @@ def test_unknown_prime_characters():
 def test_a_second_run_compiles_nothing_new():
     for dtype in ("float32", "float64"):
         run(*make_model(dtype=dtype), 10, prime="ab", top_k=2)
-    used = [stream_kernels.run_stream, stream_kernels.output_logits, stream_kernels.draw, stream_kernels.select_top]
+    used = [stream_kernels.run_streams, stream_kernels.output_logits, stream_kernels.draw, stream_kernels.select_top]
     counts = [len(k.signatures) for k in used]
     for dtype in ("float32", "float64"):
         run(*make_model(dtype=dtype, seed=1), 10, prime="abc", greedy=True)
         run(*make_model(dtype=dtype, layers=1, peepholes=False), 10)
     assert counts == [len(k.signatures) for k in used]
-    # run_stream: one float32 and one float64 specialization (bfloat16's, uint16 weights, come from other tests)
-    assert sum("uint16" not in str(sig) for sig in stream_kernels.run_stream.signatures) == 2
+    # run_streams: one float32 and one float64 specialization (bfloat16's, uint16 weights, come from other tests)
+    assert sum("uint16" not in str(sig) for sig in stream_kernels.run_streams.signatures) == 2
 
 
 # ---------------------------------------------------------------------------------- command line

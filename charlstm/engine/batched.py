@@ -29,7 +29,7 @@ def product_rows(x, P, wide, lo, hi):
     Pn, _, W = P.shape
     xf, pf, out, stride = x.reshape(-1), P.reshape(-1), wide.reshape(-1), wide.shape[1]
     for u in range(0, Pn, PANELS):
-        rows_times_pair(xf, lo, hi, K, K, pf, u * K * W, out, u * W, stride, W)
+        rows_times_pair(xf, lo, hi, K, K, pf, u * K * W, K * W, out, u * W, stride, W)
 
 
 @kernel

@@ -226,9 +226,10 @@ CHUNK_BYTES = 16384
 
 
 @inline_kernel
-def rows_times_pair(x, lo, hi, x_stride, K, w, w_off, out, out_off, out_row_stride, out_panel_stride):
+def rows_times_pair(x, lo, hi, x_stride, K, w, w_off, panel_stride, out, out_off, out_row_stride, out_panel_stride):
     """Rows lo..hi-1 of x (row r at r*x_stride, K elements) times the PANELS panels of K x W at
-    w_off (panel stride K*W), into out at out_off + r*out_row_stride (+ panel * out_panel_stride):
+    w_off (panel p at w_off + p*panel_stride, K*W unless the panels are longer than K), into out at
+    out_off + r*out_row_stride (+ panel * out_panel_stride):
     k in chunks of CHUNK_BYTES of the pair, blocks of up to ROWS rows inside, each block continuing
     its sums from the chunk before (one chain in k order: the same bytes as a single call)."""
     W = VECTOR_BYTES // max(w.itemsize, 4)  # float32 lanes for bfloat16 (uint16) panels
@@ -238,7 +239,7 @@ def rows_times_pair(x, lo, hi, x_stride, K, w, w_off, out, out_off, out_row_stri
         k1 = min(K, k0 + chunk)
         for b in range(blocks):
             first, rows = row_block(lo, hi, blocks, b)
-            block_product(x, first * x_stride + k0, x_stride, rows, w, w_off + k0 * W, K * W, k1 - k0, out,
+            block_product(x, first * x_stride + k0, x_stride, rows, w, w_off + k0 * W, panel_stride, k1 - k0, out,
                           out_off + first * out_row_stride, out_row_stride, out_panel_stride, k0 > 0)
 
 

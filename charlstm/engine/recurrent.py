@@ -62,8 +62,8 @@ def forward_grid(A, Wh, Wf, peep, h, hx, c, tc, scratch, rank, threads, groups, 
                 # Panel pairs outside, stream blocks inside: a pair's chunk stays in L1 while every
                 # block of the cell's streams reads it (packed.rows_times_pair).
                 for p in range(4 * b0, 4 * b1, PANELS):  # panel p: unit block p // 4, gate p % 4
-                    rows_times_pair(ht, lo, hi, Kx, Kx, wf, p * Kx * W, out, (p % 4) * width + (p // 4) * W, row,
-                                    width)
+                    rows_times_pair(ht, lo, hi, Kx, Kx, wf, p * Kx * W, Kx * W, out, (p % 4) * width + (p // 4) * W,
+                                    row, width)
             units_lo, units_hi = min(b0 * W, H), min(b1 * W, H)
             for st in range(lo, hi):
                 cell_units(A[t, st], scratch[st], width, peep, c[t, st], c[t + 1, st], h[t + 1, st], tc[t, st],
@@ -205,7 +205,7 @@ def _dh_products(dA_t, lo, hi, wb, b0, b1, W, G, scratch):
         row_product(flat, lo * G, wb, b0 * G * W, G * W, G, out, lo * row + b0 * W, W, b1 - b0)
         return
     for u in range(b0, b1, PANELS):
-        rows_times_pair(flat, lo, hi, G, G, wb, u * G * W, out, u * W, row, W)
+        rows_times_pair(flat, lo, hi, G, G, wb, u * G * W, G * W, out, u * W, row, W)
 
 
 @inline_kernel

@@ -1,23 +1,29 @@
-"""Sampling: one stream, a char at a time through every layer, and the output layer and the draw.
-(Training with B = 1 and eval run the recurrent grid, recurrent.py, with one stream group.)
+"""Sampling: streams advanced together a char at a time through every layer, each with its own
+output layer and draw. One stream is `charlstm sample`; many are the server's batch (serve/), every
+active stream one char per call step. (Training and eval run the recurrent grid, recurrent.py.)
 
-A step of one stream is a matrix-vector product: it reads every recurrent weight once (1 MB a
-layer at H = 256 in float32) for 2 flops each, so it is bound by how fast the weights stream in,
-not by arithmetic. So each step is split across the team (threads.Team.together) by hidden units,
-DeepCPU's layout: the units are cut into `shares` contiguous ranges of unit blocks (packed.py's
-panels of W units), share i = blocks [i*U/shares, (i+1)*U/shares), and thread r of n works shares
-r, r+n, ... for the whole call. A thread's slice of the packed weights stays in its core's L2
-from step to step. Per step a thread makes its units' four gate pre-activations with the one-row
-micro-kernel (packed.row_product), runs their gates and cell update (recurrent.py's gate math),
-writes its units of h_t, and meets the others (barrier.meet): the next char reads all of h_t.
+A step is a product of the streams' input vectors with every recurrent weight: with one stream it
+reads each weight once (1 MB a layer at H = 256 in float32) for 2 flops, so it is bound by how fast
+the weights stream in, not by arithmetic; B streams read them once for all B. So each step is split
+across the team (threads.Team.together) by hidden units, DeepCPU's layout: the units are cut into
+`shares` contiguous ranges of unit blocks (packed.py's panels of W units), share i = blocks
+[i*U/shares, (i+1)*U/shares), and thread r of n works shares r, r+n, ... for the whole call. A
+thread's slice of the packed weights stays in its core's L2 from step to step. Per step a thread
+makes its units' four gate pre-activations for every stream (one stream: the one-row micro-kernel,
+packed.row_product; several: panel pairs times blocks of streams, packed.rows_times_pair), runs
+their gates and cell update (recurrent.py's gate math), writes its units of h_t, and meets the
+others (barrier.meet): the next layer reads all of h_t. Then the threads draw the next ids, stream
+r, r+n, ... on thread r, and meet again: the next step reads them.
 
-`shares` is always the team's full size (threads.Team.most), whatever number of threads runs: a
-unit's arithmetic, and the views its gate loops run over, are then the same on 1 thread or on
-all, so results do not depend on the thread count.
+Every stream's arithmetic is the same whatever else runs: each product is one chain of fmas in k
+order whichever block of streams holds it (packed.py), and its gates, output layer and draw read
+only its own row. So a stream's text for a seed does not depend on the streams beside it, and
+`shares` is always the team's full size (threads.Team.most), whatever number of threads runs, so
+it does not depend on the thread count either.
 
-run_stream takes (rank, threads, shares, sync) last and is called once per thread by
+run_streams takes (rank, threads, shares, sync) last and is called once per thread by
 threads.Team.together (sync: one row of the team's meeting counters). Dimension letters as in
-kernels.py.
+kernels.py; B here counts streams.
 """
 import math
 
@@ -25,7 +31,7 @@ import numpy as np
 
 from charlstm.engine.barrier import meet
 from charlstm.engine.jit import inline_kernel, kernel
-from charlstm.engine.packed import row_product, to_operand
+from charlstm.engine.packed import PANELS, row_product, rows_times_pair, to_operand
 from charlstm.engine.recurrent import cell_units
 
 
@@ -37,93 +43,104 @@ def share_units(share, shares, U, W, H):
 
 
 @inline_kernel
-def step_share(Wf, v, a, peep, c_prev, c_new, tc, h_new, hx_new, z, share, shares):
-    """One step of one share of one layer's units.
+def layer_products(Wf, xs, x_stride, K, z, share, shares, H):
+    """The recurrent products of one share's units of one layer, for every stream.
 
-    Wf    (U, 4, Kmax, W)  the layer's weights against the input vector, packed: float
-          (packed.pack_forward), or bfloat16 (bf16.pack_rows: pairs for Dot, singles for Widen)
-    v     (K,)   the input vector as the product reads it: h_{t-1}, or for sampling's fused layers
-          [h_t below | h_{t-1}]; float with float Wf, else its bfloat16 operand copy
-    a     (G,)   in: the rest of the pre-activation (bias, input term); out: the gates (this share's units)
-    peep  (3H,) or (0,);  c_prev (H,) c_{t-1};  c_new (H,) out: c_t (may be c_prev)
-    tc    (H,) out: tanh(c_t);  h_new (H,) out: h_t (must not alias v: other shares still read it)
-    hx_new (H,) out: h_t as the next products read it (h_new itself with float Wf; packed.to_operand)
-    z     (4 * U * W,)  the products, gate-major (z[q*U*W + k]); shares write disjoint parts
-    """
+    Wf (U, 4, Kmax, W) the layer's packed weights (packed.pack_forward or bf16.pack_rows), gate
+    panels of length Kmax >= K;  xs: the streams' input vectors as the product reads them, stream
+    b's K elements at b * x_stride (flat);  z (B, 4 * U * W) out: gate q of unit k at z[b, q*U*W + k]"""
     U, _, Kmax, W = Wf.shape
-    H, K, width = c_new.shape[0], v.shape[0], U * W
-    u0, units, lo, hi = share_units(share, shares, U, W, H)
-    wf = Wf.reshape(-1)
-    for u in range(u0, u0 + units):  # the unit block's 4 gate panels in one call
-        row_product(v, 0, wf, u * 4 * Kmax * W, Kmax * W, K, z, u * W, width, 4)
-    cell_units(a, z, width, peep, c_prev, c_new, h_new, tc, lo, hi)
-    to_operand(h_new[lo:hi], hx_new[lo:hi], Wf)
+    B, width = z.shape[0], U * W
+    u0, units, _, _ = share_units(share, shares, U, W, H)
+    wf, out = Wf.reshape(-1), z.reshape(-1)
+    if B == 1:  # one row: the one-row kernel keeps a unit block's 4 panels in flight
+        for u in range(u0, u0 + units):
+            row_product(xs, 0, wf, u * 4 * Kmax * W, Kmax * W, K, out, u * W, width, 4)
+    else:  # panel pairs outside, blocks of streams inside (packed.rows_times_pair)
+        for p in range(4 * u0, 4 * (u0 + units), PANELS):  # panel p: unit block p // 4, gate p % 4
+            rows_times_pair(xs, 0, B, x_stride, K, wf, p * Kmax * W, Kmax * W, out, (p % 4) * width + (p // 4) * W,
+                            z.shape[1], width)
 
 
 # ---------------------------------------------------------------- sampling's entry point (Team.together)
 
 @kernel
-def run_stream(net, feed, state, statex, c, u, inv_temp, top_k, greedy, work, out, rank, threads, shares, sync):
-    """Advance one stream through every layer, a char at a time: feed the ids feed (n,), then
-    draw out.shape[0] ids, each from the state after the previous id (the last fed id for the
-    first), with the uniform u[k], feeding each drawn id but the last. A call with no ids to draw
-    just warms the state (a prime); a call that continues a sample feeds the last id drawn.
+def run_streams(net, ids, u, how, state, statex, c, work, out, rank, threads, shares, sync):
+    """Advance B streams together through every layer for n steps, a char each a step.
 
+    ids (B, n) int64  stream b's input at step t: ids[b, t], or when that is negative the id it
+           drew at step t - 1 (a call's first input is always given: a prime's char, or the last
+           id drawn by the call before)
+    u (B, n) float64  the uniform of stream b's draw after step t in [0, 1), or negative for no
+           draw (a prime's chars but its last); out (B, n) int64 out: the ids drawn, -1 where none
+    how   (inv_temp (B,), top_k (B,) int64, top_p (B,), greedy (B,) bool): each stream's settings
+           for draw
     net   (WxT0 (V, G), Wf (L, U, 4, Kmax, W), bias (L, G), peep (L, 3H) or (L, 0), Wy (V, H),
            by (V,)): Wf[0] is Wh of layer 0 packed (K = H), Wf[l] the fused [Wx | Wh] (G, 2H) of layer l
-    state (2, L, 2H)  layer l's input vector at a char, [h_t of layer l-1 | h_{t-1} of layer l],
-           in two copies: char n reads copy n % 2 and writes copy 1 - n % 2, so a thread writing
+    state (B, 2, L, 2H)  layer l's input vector at a char, [h_t of layer l-1 | h_{t-1} of layer l],
+           in two copies: step t reads copy t % 2 and writes copy 1 - t % 2, so a thread writing
            its units never overwrites what another still reads. Layer 0's vector is its second
-           half. Between calls the state is copy 0's second halves.
-    statex (2, L, 2H)  the state as the products read it: state itself with float Wf, else its
+           half. Between calls the state is copy 0's second halves. Stream-major, so the first B
+           of more rows are a contiguous array too (a server's batch of its active streams).
+    statex (B, 2, L, 2H)  the state as the products read it: state itself with float Wf, else its
            bfloat16 copy (uint16 bits for Dot's pairs, rounded float32 for Widen), made as h is;
            the output layer reads the float32 state, as training's does
-    c     (L, H) in/out;  work (a (G,), z (4*U*W,), tc (H,), logits (V,) float64, p (V,) float64,
-           order (V,) int64);  inv_temp, top_k, greedy as in draw
-    Thread 0 draws, and the others meet it once more to read the drawn id.
+    c     (B, L, H) in/out;  work (a (B, G), z (B, 4*U*W), tc (B, H), logits (B, V) float64,
+           p (B, V) float64, order (B, V) int64)
     """
     WxT0, Wf, bias, peep, Wy, by = net[0], net[1], net[2], net[3], net[4], net[5]
     a, z, tc, logits, p, order = work[0], work[1], work[2], work[3], work[4], work[5]
-    L, H = c.shape
+    inv_temp, top_k, top_p, greedy = how[0], how[1], how[2], how[3]
+    B, n = ids.shape
+    L, H = c.shape[1], c.shape[2]
     U, W = Wf.shape[1], Wf.shape[4]
-    n_feed, n_out = feed.shape[0], out.shape[0]
-    steps = n_feed + max(n_out - 1, 0)
+    stride = 2 * L * 2 * H  # one stream's state (both copies), flat
+    flatx = statex.reshape(-1)
     meeting = 0
-    for n in range(steps):
-        x = feed[n] if n < n_feed else out[n - n_feed]
-        now, after = state[n % 2], state[1 - n % 2]
-        nowx, afterx = statex[n % 2], statex[1 - n % 2]
+    for t in range(n):
+        now, new = t % 2, 1 - t % 2  # the copies step t reads and writes
         for l in range(L):
+            K = H if l == 0 else 2 * H
+            xs = flatx[(now * L + l) * 2 * H + (H if l == 0 else 0):]  # stream b's vector at b * stride
             for share in range(rank, shares, threads):
                 _, _, lo, hi = share_units(share, shares, U, W, H)
-                b, column = bias[l], WxT0[x]  # layer 0's one-hot input: a column of Wx
-                for q in range(4):
-                    for j in range(q * H + lo, q * H + hi):
-                        a[j] = column[j] + b[j] if l == 0 else b[j]
-                v = nowx[0, H:] if l == 0 else nowx[l]
-                h_new, hx_new = after[l, H:], afterx[l, H:]
-                step_share(Wf[l], v, a, peep[l], c[l], c[l], tc, h_new, hx_new, z, share, shares)
-                if l + 1 < L:  # the layer above's input, this char
-                    now[l + 1, lo:hi] = h_new[lo:hi]
-                    nowx[l + 1, lo:hi] = hx_new[lo:hi]
+                layer_products(Wf[l], xs, stride, K, z, share, shares, H)
+                for b in range(B):
+                    ab, bl = a[b], bias[l]
+                    if l == 0:  # layer 0's one-hot input: a column of Wx
+                        column = WxT0[ids[b, t] if ids[b, t] >= 0 else out[b, t - 1]]
+                        for q in range(4):
+                            for j in range(q * H + lo, q * H + hi):
+                                ab[j] = column[j] + bl[j]
+                    else:
+                        for q in range(4):
+                            for j in range(q * H + lo, q * H + hi):
+                                ab[j] = bl[j]
+                    h_new, hx_new = state[b, new, l, H:], statex[b, new, l, H:]
+                    cell_units(ab, z[b], U * W, peep[l], c[b, l], c[b, l], h_new, tc[b], lo, hi)
+                    to_operand(h_new[lo:hi], hx_new[lo:hi], Wf)
+                    if l + 1 < L:  # the layer above's input, this char
+                        state[b, now, l + 1, lo:hi] = h_new[lo:hi]
+                        statex[b, now, l + 1, lo:hi] = hx_new[lo:hi]
             meeting += 1
             if not meet(sync, meeting, threads):
                 return
-        k = n - n_feed + 1  # the draw this step's state makes, if any
-        if 0 <= k < n_out:
-            if rank == 0:
-                output_logits(Wy, by, after[L - 1, H:], logits)
-                out[k] = draw(logits, inv_temp, top_k, greedy, u[k], p, order)
-            if k + 1 < n_out:  # the next char feeds it
-                meeting += 1
-                if not meet(sync, meeting, threads):
-                    return
-    if steps % 2 == 1:  # the state is in copy 1: move this thread's units back to copy 0
+        for b in range(rank, B, threads):
+            out[b, t] = -1
+            if u[b, t] >= 0:
+                output_logits(Wy, by, state[b, new, L - 1, H:], logits[b])
+                out[b, t] = draw(logits[b], inv_temp[b], top_k[b], top_p[b], greedy[b], u[b, t], p[b], order[b])
+        if t + 1 < n:  # the next step feeds the drawn ids
+            meeting += 1
+            if not meet(sync, meeting, threads):
+                return
+    if n % 2 == 1:  # the state is in copy 1: move this thread's units back to copy 0
         for share in range(rank, shares, threads):
             _, _, lo, hi = share_units(share, shares, U, W, H)
-            for l in range(L):
-                state[0, l, H + lo:H + hi] = state[1, l, H + lo:H + hi]
-                statex[0, l, H + lo:H + hi] = statex[1, l, H + lo:H + hi]
+            for b in range(B):
+                for l in range(L):
+                    state[b, 0, l, H + lo:H + hi] = state[b, 1, l, H + lo:H + hi]
+                    statex[b, 0, l, H + lo:H + hi] = statex[b, 1, l, H + lo:H + hi]
 
 
 # ---------------------------------------------------------------- the output layer of one stream
@@ -141,15 +158,18 @@ def output_logits(Wy, by, top, logits):
 
 
 @kernel
-def select_top(logits, k, order):
+def select_top(logits, k, order, ranked):
     """order[:n] = the ids of the k largest logits, largest first, ties to the lower id; returns
-    n = min(k, V). k <= 0 or k >= V keeps every id in id order. Insertion into a sorted list of
-    k: cheap for the small k people use, no allocation."""
+    n = min(k, V). k <= 0 or k >= V keeps every id: in id order, or ranked as above if `ranked`.
+    Insertion into a sorted list of k: cheap for the small k people use and a vocabulary of a
+    few hundred, no allocation."""
     V = logits.shape[0]
     if k <= 0 or k >= V:
-        for v in range(V):
-            order[v] = v
-        return V
+        if not ranked:
+            for v in range(V):
+                order[v] = v
+            return V
+        k = V
     n = 0
     for v in range(V):
         value = logits[v]
@@ -165,11 +185,13 @@ def select_top(logits, k, order):
 
 
 @kernel
-def draw(logits, inv_temp, top_k, greedy, u, p, order):
+def draw(logits, inv_temp, top_k, top_p, greedy, u, p, order):
     """The next char id from logits (V,) float64.
 
     greedy: the argmax (ties to the lowest id). Otherwise inverse CDF at the uniform u in [0, 1) of
-    softmax(logits * inv_temp) over the top_k largest logits (all when top_k <= 0).
+    softmax(logits * inv_temp) over the top_k largest logits (all when top_k <= 0), cut to its
+    nucleus when top_p < 1: the most likely ids, largest first, up to the first whose running sum
+    reaches top_p of the whole (nucleus sampling, Holtzman et al. 2019; the ids kept are renormalized).
     p, order (V,) workspaces, float64 and int64.
     """
     V = logits.shape[0]
@@ -179,7 +201,7 @@ def draw(logits, inv_temp, top_k, greedy, u, p, order):
             if logits[v] > logits[best]:
                 best = v
         return best
-    n = select_top(logits, top_k, order)
+    n = select_top(logits, top_k, order, top_p < 1.0)
     m = logits[order[0]]
     for i in range(1, n):
         m = max(m, logits[order[i]])
@@ -187,6 +209,13 @@ def draw(logits, inv_temp, top_k, greedy, u, p, order):
     for i in range(n):
         p[i] = math.exp((logits[order[i]] - m) * inv_temp)
         total += p[i]
+    if top_p < 1.0:
+        whole, total = total, 0.0
+        for i in range(n):
+            total += p[i]
+            if total >= top_p * whole:
+                n = i + 1
+                break
     target = u * total
     acc, last = 0.0, 0
     for i in range(n):
