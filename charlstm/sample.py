@@ -155,22 +155,24 @@ def check_prime(prime, vocab, unknown="error", warn=print):
     return "".join(ch for ch in prime if ch not in missing)
 
 
-class _StopMatcher:
-    """Cuts generated text right after the first occurrence of `stop`, also when it spans chunks:
-    it keeps the last len(stop) - 1 characters to search together with the next chunk."""
+class StopMatcher:
+    """Cuts generated text right after the first occurrence of any of the `stops` (a string or a
+    list of them), also when it spans pieces: it keeps the last longest - 1 characters to search
+    together with the next piece."""
 
-    def __init__(self, stop):
-        self.stop, self.tail = stop or "", ""
+    def __init__(self, stops):
+        self.stops = [stops] if isinstance(stops, str) else [s for s in stops or () if s]
+        self.keep, self.tail = max(map(len, self.stops), default=1) - 1, ""
 
     def cut(self, piece):
-        """(the part of piece to emit, whether the stop string ended it)."""
-        if not self.stop:
+        """(the part of piece to emit, whether a stop string ended it)."""
+        if not self.stops:
             return piece, False
         window = self.tail + piece
-        at = window.find(self.stop)
-        if at >= 0:
-            return piece[:at + len(self.stop) - len(self.tail)], True
-        self.tail = window[len(window) - (len(self.stop) - 1):]
+        ends = [at + len(stop) for stop in self.stops if (at := window.find(stop)) >= 0]
+        if ends:
+            return piece[:min(ends) - len(self.tail)], True
+        self.tail = window[max(0, len(window) - self.keep):] if self.keep else ""
         return piece, False
 
 
@@ -183,7 +185,7 @@ def generate(stream, rng, length, prime="", temperature=1.0, top_k=0, greedy=Fal
     rng: a numpy Generator; all randomness comes from it, so a seed fixes the output.
     """
     stream.reset()
-    stopper, remaining = _StopMatcher(stop), length
+    stopper, remaining = StopMatcher(stop), length
     if prime:
         ids = stream.encode(prime)
         stream.feed(ids[:-1])

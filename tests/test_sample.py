@@ -221,10 +221,14 @@ def test_stop_ends_right_after_the_first_occurrence_also_across_chunks(monkeypat
 
 
 def test_stop_matcher_across_pieces():
-    m = sample._StopMatcher("abc")
+    m = sample.StopMatcher("abc")
     assert m.cut("xxa") == ("xxa", False)
     assert m.cut("b") == ("b", False)
     assert m.cut("cdef") == ("c", True)
+    m = sample.StopMatcher("abcd")  # pieces shorter than the stop string
+    assert [m.cut(p) for p in ("a", "b", "c", "dz")] == [("a", False), ("b", False), ("c", False), ("d", True)]
+    m = sample.StopMatcher(["zz", "xb", "bc"])  # several: the one that ends first
+    assert m.cut("axbcz") == ("axb", True)
 
 
 def test_unknown_prime_characters():

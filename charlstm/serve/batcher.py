@@ -1,0 +1,242 @@
+"""The server's engine loop: every active completion advances one character per engine step, all
+of them as one batch (sample.Streams, the engine's run_streams), on the engine's threads.
+
+One thread (`Batcher.run`) owns the model's streams and calls the engine; the HTTP side only
+submits jobs and reads what they make. Between calls, jobs join (from the queue, up to
+`max_streams`) and leave (finished, stopped, or their client gone), so nothing keeps computing for
+a client that left for longer than one call. A call runs a few steps at a time, as many as take
+about CALL_SECONDS, so joining, leaving and the first characters wait at most that long.
+
+A job replays `charlstm sample` exactly: its prime is fed through the batch (its last character's
+step draws the first id), without a prime its first character is drawn uniformly with
+rng.integers, and every draw takes the next rng.random() of the job's own generator, in order.
+Each stream's arithmetic does not depend on its neighbours (stream_kernels.py), so a seed gives
+the same text alone, beside 31 others, or through `charlstm sample`.
+
+A run folder's new checkpoint becomes a new batch: new jobs start on it, jobs already running
+finish on the weights they started with (their batch goes when its last job does).
+"""
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from charlstm.sample import Streams, StopMatcher
+
+CALL_SECONDS = 0.01  # aimed duration of one engine call: the longest a join or a leave waits
+MAX_CALL_STEPS = 256
+POLL_SECONDS = 1.0  # how often a run folder is checked for a new checkpoint
+
+
+class Busy(Exception):
+    """Every stream and every place in the queue is taken."""
+
+
+class Job:
+    """One completion: its settings and generator, where its stream stands, and `deliver`, which
+    gets each new piece of text (piece, finish_reason or None), called on the engine thread."""
+
+    def __init__(self, prime_ids, max_tokens, rng, deliver, temperature=1.0, top_k=0, top_p=1.0, stop=()):
+        self.prime, self.draws_left, self.rng, self.deliver = np.asarray(prime_ids, np.int64), max_tokens, rng, deliver
+        greedy = temperature == 0
+        self.settings = (1.0 if greedy else 1.0 / temperature, top_k, top_p, greedy)
+        self.stopper = StopMatcher(stop)
+        self.cancelled = False  # set by the HTTP side when the client goes
+        self.chars = 0  # characters delivered
+        self.feed = None  # the ids still to feed before drawing (the prime, or the first drawn char)
+        self.steps_left, self.last, self.done_reason = 0, -1, None
+
+    def start(self, streams):
+        """Begin (on the engine thread): the prime to feed, or the uniformly drawn first character."""
+        self.feed = self.prime
+        if not len(self.prime) and self.draws_left > 0:
+            first = int(self.rng.integers(streams.config.vocab_size))
+            self.draws_left -= 1
+            self.feed = np.array([first])
+            if self.emit(streams.decode([first])):
+                return  # the first character was a stop string, or all it asked for
+        # a step per fed id, then one per further draw (the last drawn id is not fed)
+        self.steps_left = len(self.feed) + self.draws_left - 1 if self.draws_left > 0 else 0
+        if self.steps_left <= 0:
+            self.finish("length")
+
+    def plan(self, n, ids, u):
+        """This job's row of a call of n steps: its inputs ids (n,) (-1: the id drawn a step
+        before) and the uniforms u (n,) of its draws (-1: none). Returns the steps it takes."""
+        k, fed = min(n, self.steps_left), min(n, self.steps_left, len(self.feed))
+        ids[:fed] = self.feed[:fed]
+        ids[fed:k] = -1
+        if fed == 0:
+            ids[0] = self.last  # drawn by the call before, not fed yet
+        first_draw = max(len(self.feed) - 1, 0)  # the step whose input is the last fed id draws first
+        if first_draw < k:
+            u[first_draw:k] = self.rng.random(k - first_draw)
+        self.feed, self.steps_left = self.feed[fed:], self.steps_left - k
+        return k
+
+    def emit(self, text):
+        """Deliver generated text (cut at a stop string); True if that finished the job."""
+        piece, stopped = self.stopper.cut(text)
+        self.chars += len(piece)
+        if stopped:
+            self.finish("stop", piece)
+        elif self.draws_left == 0:
+            self.finish("length", piece)
+        elif piece:
+            self.deliver(piece, None)
+        return self.done_reason is not None
+
+    def finish(self, reason, piece=""):
+        self.steps_left, self.done_reason = 0, reason
+        self.deliver(piece, reason)
+
+    @property
+    def done(self):
+        return self.done_reason is not None or self.cancelled
+
+
+class Batch:
+    """The jobs on one model's weights: job i's stream is row i of `streams`."""
+
+    def __init__(self, model, precision, capacity):
+        self.model = model
+        self.streams = Streams(model.params, model.config, precision, capacity)
+        self.jobs = []
+
+    def add(self, job):
+        row = len(self.jobs)
+        self.streams.reset(row)
+        self.jobs.append(job)
+        job.start(self.streams)
+
+    def drop_done(self):
+        """Remove finished and abandoned jobs, moving the last rows into the gaps; returns those
+        abandoned by their clients."""
+        gone = [job for job in self.jobs if job.cancelled and job.done_reason is None]
+        keep = [i for i, job in enumerate(self.jobs) if not job.done]
+        for row, i in enumerate(keep):
+            if row != i:
+                self.streams.move(i, row)
+        self.jobs = [self.jobs[i] for i in keep]
+        return gone
+
+    def step(self, n):
+        """Advance every job up to n steps in one engine call; deliver what they drew."""
+        B = len(self.jobs)
+        ids, u = np.zeros((B, n), np.int64), np.full((B, n), -1.0)  # steps past a job's end: id 0, no draw
+        taken = [job.plan(n, ids[b], u[b]) for b, job in enumerate(self.jobs)]
+        inv_temp, top_k, top_p, greedy = (np.array(column) for column in zip(*(job.settings for job in self.jobs)))
+        out = self.streams.step(ids, u, inv_temp, top_k, top_p, greedy)
+        for b, job in enumerate(self.jobs):
+            drawn = out[b, :taken[b]]
+            drawn = drawn[drawn >= 0]
+            if len(drawn):
+                job.last = int(drawn[-1])
+                job.draws_left -= len(drawn)
+                job.emit(self.streams.decode(drawn))
+
+
+class Batcher:
+    """The engine thread, its queue and its counters. `submit` and `cancel` are for the HTTP side."""
+
+    def __init__(self, source, precision="f32", max_streams=32, max_queue=64, counters=None):
+        self.source, self.precision = source, precision
+        self.max_streams, self.max_queue = max_streams, max_queue
+        self.counters = counters if counters is not None else {}
+        self.batches = [Batch(source.model, precision, max_streams)]
+        self.waiting = deque()
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.step_seconds = 1e-3  # running mean of one step's duration at the current batch size
+        self.thread = threading.Thread(target=self._run, name="charlstm-engine", daemon=True)
+
+    # -------------------------------------------------------------- the HTTP side
+
+    @property
+    def active(self):
+        return sum(len(b.jobs) for b in self.batches)
+
+    def submit(self, job):
+        with self.lock:
+            if self.active + len(self.waiting) >= self.max_streams + self.max_queue:
+                raise Busy()
+            self.waiting.append(job)
+            self.lock.notify()
+
+    def count(self, name, by=1):
+        self.counters[name] = self.counters.get(name, 0) + by
+
+    def start(self):
+        self.warm_up()
+        self.thread.start()
+
+    def stop(self):
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(timeout=5)
+
+    def warm_up(self):
+        """One step of one stream, so the kernels are compiled (or loaded) before the first request."""
+        streams = self.batches[0].streams
+        streams.step(np.zeros((1, 1), np.int64), np.zeros((1, 1)), [1.0], [0], [1.0], [False])
+        streams.reset(0)
+
+    # -------------------------------------------------------------- the engine thread
+
+    def _run(self):
+        polled = time.monotonic()
+        while True:
+            with self.lock:
+                while not self.stopping and not self.waiting and not self.active:
+                    self.lock.wait(timeout=POLL_SECONDS)
+                    if self.source.folder is not None and time.monotonic() - polled >= POLL_SECONDS:
+                        break
+                if self.stopping:
+                    return
+                self._admit()
+            if self.source.folder is not None and time.monotonic() - polled >= POLL_SECONDS:
+                polled = time.monotonic()
+                self._reload()
+            self._step_all()
+
+    def _admit(self):
+        """Jobs from the queue into the newest batch while there are free streams (lock held)."""
+        newest = self.batches[-1]
+        while self.waiting and self.active < self.max_streams:
+            job = self.waiting.popleft()
+            if job.cancelled:
+                self.count("streams_cancelled")
+                continue
+            newest.add(job)
+
+    def _reload(self):
+        model = self.source.poll()
+        if model is not None:
+            batch = Batch(model, self.precision, self.max_streams)
+            with self.lock:
+                self.batches.append(batch)
+            self.count("model_reloads")
+
+    def _step_all(self):
+        for batch in list(self.batches):
+            self.count("streams_cancelled", len(batch.drop_done()))
+            if batch.jobs:
+                try:
+                    started = time.perf_counter()
+                    n = max(1, min(MAX_CALL_STEPS, int(CALL_SECONDS / self.step_seconds),
+                                   max(job.steps_left for job in batch.jobs)))
+                    before = sum(job.chars for job in batch.jobs)
+                    batch.step(n)
+                    took = (time.perf_counter() - started) / n
+                    self.step_seconds = 0.8 * self.step_seconds + 0.2 * took
+                    self.count("engine_steps", n)
+                    self.count("chars_generated", sum(job.chars for job in batch.jobs) - before)
+                except Exception as e:  # a bug: end these jobs with the error, keep serving
+                    for job in batch.jobs:
+                        job.deliver(f"engine error: {e}", "error")
+                        job.cancelled = True
+                self.count("streams_cancelled", len(batch.drop_done()))
+        with self.lock:
+            self.batches = [b for b in self.batches[:-1] if b.jobs] + self.batches[-1:]
