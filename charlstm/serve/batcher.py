@@ -44,6 +44,7 @@ class Job:
         self.stopper = StopMatcher(stop)
         self.cancelled = False  # set by the HTTP side when the client goes
         self.chars = 0  # characters delivered
+        self.count = lambda name, by: None  # the batcher's counters (Batcher.submit sets it)
         self.feed = None  # the ids still to feed before drawing (the prime, or the first drawn char)
         self.steps_left, self.last, self.done_reason = 0, -1, None
 
@@ -79,6 +80,7 @@ class Job:
         """Deliver generated text (cut at a stop string); True if that finished the job."""
         piece, stopped = self.stopper.cut(text)
         self.chars += len(piece)
+        self.count("chars_generated", len(piece))
         if stopped:
             self.finish("stop", piece)
         elif self.draws_left == 0:
@@ -138,7 +140,8 @@ class Batch:
 
 
 class Batcher:
-    """The engine thread, its queue and its counters. `submit` and `cancel` are for the HTTP side."""
+    """The engine thread, its queue and its counters. The HTTP side calls `submit`, and ends a job
+    early by setting its `cancelled`."""
 
     def __init__(self, source, precision="f32", max_streams=32, max_queue=64, counters=None):
         self.source, self.precision = source, precision
@@ -161,6 +164,7 @@ class Batcher:
         with self.lock:
             if self.active + len(self.waiting) >= self.max_streams + self.max_queue:
                 raise Busy()
+            job.count = self.count
             self.waiting.append(job)
             self.lock.notify()
 
@@ -227,16 +231,13 @@ class Batcher:
                     started = time.perf_counter()
                     n = max(1, min(MAX_CALL_STEPS, int(CALL_SECONDS / self.step_seconds),
                                    max(job.steps_left for job in batch.jobs)))
-                    before = sum(job.chars for job in batch.jobs)
                     batch.step(n)
                     took = (time.perf_counter() - started) / n
                     self.step_seconds = 0.8 * self.step_seconds + 0.2 * took
                     self.count("engine_steps", n)
-                    self.count("chars_generated", sum(job.chars for job in batch.jobs) - before)
-                except Exception as e:  # a bug: end these jobs with the error, keep serving
+                except Exception as e:  # a bug: end these jobs with the error, keep serving the next
                     for job in batch.jobs:
-                        job.deliver(f"engine error: {e}", "error")
-                        job.cancelled = True
+                        job.finish("error", f"engine error: {e!r}")
                 self.count("streams_cancelled", len(batch.drop_done()))
         with self.lock:
             self.batches = [b for b in self.batches[:-1] if b.jobs] + self.batches[-1:]
