@@ -143,11 +143,9 @@ class Server:
         model = self.source.model
         body = read_body(await request.read())
         c = parse_completion(body, model.name, model.config.vocab, self.max_tokens_limit)
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        deliver = lambda piece, reason: loop.call_soon_threadsafe(pieces.put_nowait, (piece, reason))
-        rng = np.random.Generator(np.random.PCG64(c.seed))
+        pieces, rng = asyncio.Queue(), np.random.Generator(np.random.PCG64(c.seed))
         index = {ch: i for i, ch in enumerate(model.config.vocab)}
-        job = Job([index[ch] for ch in c.prompt], c.max_tokens, rng, deliver, c.temperature, c.top_k, c.top_p, c.stop)
+        job = Job([index[ch] for ch in c.prompt], c.max_tokens, rng, c.temperature, c.top_k, c.top_p, c.stop, pieces)
         try:
             self.batcher.submit(job)
         except Busy:
@@ -204,6 +202,12 @@ class Server:
         return response
 
 
+def _hand_out(items):
+    """The engine call's pieces, each to its request's queue (on the event loop)."""
+    for job, piece, reason in items:
+        job.reader.put_nowait((piece, reason))
+
+
 def _usage(c, generated):
     return {"prompt_tokens": len(c.prompt), "completion_tokens": generated, "total_tokens": len(c.prompt) + generated}
 
@@ -229,9 +233,10 @@ async def _serve(server, host, port, ready):
         await runner.cleanup()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     bound = runner.addresses[0][1] if runner.addresses else port
+    loop = asyncio.get_running_loop()
+    server.batcher.post = lambda items: loop.call_soon_threadsafe(_hand_out, items)
     ready(bound)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)

@@ -34,11 +34,13 @@ class Busy(Exception):
 
 
 class Job:
-    """One completion: its settings and generator, where its stream stands, and `deliver`, which
-    gets each new piece of text (piece, finish_reason or None), called on the engine thread."""
+    """One completion: its settings and generator, and where its stream stands. Its text goes to
+    `outbox` as (job, piece, finish_reason or None), on the engine thread; `reader` is the HTTP
+    side's own (where it wants the pieces)."""
 
-    def __init__(self, prime_ids, max_tokens, rng, deliver, temperature=1.0, top_k=0, top_p=1.0, stop=()):
-        self.prime, self.draws_left, self.rng, self.deliver = np.asarray(prime_ids, np.int64), max_tokens, rng, deliver
+    def __init__(self, prime_ids, max_tokens, rng, temperature=1.0, top_k=0, top_p=1.0, stop=(), reader=None):
+        self.prime, self.draws_left, self.rng = np.asarray(prime_ids, np.int64), max_tokens, rng
+        self.reader, self.outbox = reader, []
         greedy = temperature == 0
         self.settings = (1.0 if greedy else 1.0 / temperature, top_k, top_p, greedy)
         self.stopper = StopMatcher(stop)
@@ -88,6 +90,9 @@ class Job:
         elif piece:
             self.deliver(piece, None)
         return self.done_reason is not None
+
+    def deliver(self, piece, reason):
+        self.outbox.append((self, piece, reason))
 
     def finish(self, reason, piece=""):
         self.steps_left, self.done_reason = 0, reason
@@ -144,7 +149,10 @@ class Batcher:
     early by setting its `cancelled`."""
 
     def __init__(self, source, precision="f32", max_streams=32, max_queue=64, counters=None):
+        """post(items) hands the HTTP side a list of (job, piece, finish_reason) once per engine
+        call (one wake-up of its event loop for all the streams): set it before `start`."""
         self.source, self.precision = source, precision
+        self.outbox, self.post = [], lambda items: None
         self.max_streams, self.max_queue = max_streams, max_queue
         self.counters = counters if counters is not None else {}
         self.batches = [Batch(source.model, precision, max_streams)]
@@ -164,7 +172,7 @@ class Batcher:
         with self.lock:
             if self.active + len(self.waiting) >= self.max_streams + self.max_queue:
                 raise Busy()
-            job.count = self.count
+            job.count, job.outbox = self.count, self.outbox
             self.waiting.append(job)
             self.lock.notify()
 
@@ -204,6 +212,9 @@ class Batcher:
                 polled = time.monotonic()
                 self._reload()
             self._step_all()
+            if self.outbox:
+                self.post(self.outbox[:])
+                self.outbox.clear()
 
     def _admit(self):
         """Jobs from the queue into the newest batch while there are free streams (lock held)."""
