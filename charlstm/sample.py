@@ -57,7 +57,7 @@ class Streams:
         self.state = np.zeros((capacity, 2, L, 2 * H), dtype)
         # the state as the products read it: itself in float32, a bfloat16 copy otherwise
         self.statex = np.zeros_like(self.state, np.uint16 if pairs else dtype) if bfloat else self.state
-        self.c = np.zeros((capacity, L, H), dtype)
+        self.cells = np.zeros((capacity, 2, L, H), dtype)  # c, twice as the state
         self.work = (np.zeros((capacity, G), dtype), np.zeros((capacity, 4 * U * W), dtype),
                      np.zeros((capacity, H), dtype), np.zeros((capacity, V)), np.zeros((capacity, V)),
                      np.zeros((capacity, V), np.int64))
@@ -69,23 +69,28 @@ class Streams:
         """Stream `row`'s h (L, H), as the next step reads it."""
         return self.state[row, 0, :, self.config.hidden:]
 
+    def c(self, row):
+        """Stream `row`'s cell state c (L, H)."""
+        return self.cells[row, 0]
+
     def reset(self, row):
         """Stream `row` back to zero state."""
         self.state[row] = 0
         self.statex[row] = 0
-        self.c[row] = 0
+        self.cells[row] = 0
 
     def move(self, src, dst):
         """Stream `src`'s state into row `dst` (a server closing a gap in its rows)."""
         self.state[dst] = self.state[src]
         if self.statex is not self.state:
             self.statex[dst] = self.statex[src]
-        self.c[dst] = self.c[src]
+        self.cells[dst] = self.cells[src]
 
     def step(self, ids, uniforms, inv_temp, top_k, top_p, greedy):
         """Advance streams 0..B-1 n steps (stream_kernels.run_streams): ids (B, n) the inputs, -1 for
         the id drawn a step before; uniforms (B, n) the draws, negative for none; the settings (B,)
         each. Returns the drawn ids (B, n), -1 where none."""
+        ids, uniforms = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(uniforms, float)
         B = ids.shape[0]
         if B > self.capacity or (ids.shape[1] and ids[:, 0].min() < 0) or ids.max(initial=0) >= self.config.vocab_size:
             raise ValueError("step: more streams than rows, a first input not given, or an id outside the vocabulary")
@@ -94,7 +99,7 @@ class Streams:
                np.asarray(greedy, np.bool_))
         work = tuple(w[:B] for w in self.work)
         team.together(lambda rank, threads, sync: stream_kernels.run_streams(
-            self.net, ids, uniforms, how, self.state[:B], self.statex[:B], self.c[:B], work, out,
+            self.net, ids, uniforms, how, self.state[:B], self.statex[:B], self.cells[:B], work, out,
             rank, threads, team.most, sync[0]))
         return out
 
@@ -114,6 +119,10 @@ class Stream(Streams):
     @property
     def h(self):
         return super().h(0)
+
+    @property
+    def c(self):
+        return super().c(0)
 
     def reset(self):
         super().reset(0)

@@ -43,6 +43,22 @@ def share_units(share, shares, U, W, H):
 
 
 @inline_kernel
+def input_term(bias, column, one_hot, a, at):
+    """a (n,) = bias[at:at + n], plus column[at:at + n] with one_hot (layer 0's input, a column of Wx)."""
+    b, x = bias[at:at + a.shape[0]], column[at:at + a.shape[0]]
+    for j in range(a.shape[0]):  # from 0 through views: no negative-index check keeps LLVM from vectorizing
+        a[j] = b[j] + x[j] if one_hot else b[j]
+
+
+@inline_kernel
+def copy(src, dst):
+    """dst[:] = src, in a loop: a slice assignment would check for overlap and may copy through a
+    temporary array (an allocation per stream, layer and step)."""
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
+
+
+@inline_kernel
 def layer_products(Wf, xs, x_stride, K, z, share, shares, H):
     """The recurrent products of one share's units of one layer, for every stream.
 
@@ -85,14 +101,17 @@ def run_streams(net, ids, u, how, state, statex, c, work, out, rank, threads, sh
     statex (B, 2, L, 2H)  the state as the products read it: state itself with float Wf, else its
            bfloat16 copy (uint16 bits for Dot's pairs, rounded float32 for Widen), made as h is;
            the output layer reads the float32 state, as training's does
-    c     (B, L, H) in/out;  work (a (B, G), z (B, 4*U*W), tc (B, H), logits (B, V) float64,
+    c     (B, 2, L, H)  the cell state, in two copies as `state` (between calls in copy 0): a
+           cell update in place would keep LLVM from vectorizing the gate math (its runtime
+           check that c_{t-1} and c_t do not overlap fails, and the scalar loop runs, 8x slower)
+    work  (a (B, G), z (B, 4*U*W), tc (B, H), logits (B, V) float64,
            p (B, V) float64, order (B, V) int64)
     """
     WxT0, Wf, bias, peep, Wy, by = net[0], net[1], net[2], net[3], net[4], net[5]
     a, z, tc, logits, p, order = work[0], work[1], work[2], work[3], work[4], work[5]
     inv_temp, top_k, top_p, greedy = how[0], how[1], how[2], how[3]
     B, n = ids.shape
-    L, H = c.shape[1], c.shape[2]
+    L, H = c.shape[2], c.shape[3]
     U, W = Wf.shape[1], Wf.shape[4]
     stride = 2 * L * 2 * H  # one stream's state (both copies), flat
     flatx = statex.reshape(-1)
@@ -106,22 +125,15 @@ def run_streams(net, ids, u, how, state, statex, c, work, out, rank, threads, sh
                 _, _, lo, hi = share_units(share, shares, U, W, H)
                 layer_products(Wf[l], xs, stride, K, z, share, shares, H)
                 for b in range(B):
-                    ab, bl = a[b], bias[l]
-                    if l == 0:  # layer 0's one-hot input: a column of Wx
-                        column = WxT0[ids[b, t] if ids[b, t] >= 0 else out[b, t - 1]]
-                        for q in range(4):
-                            for j in range(q * H + lo, q * H + hi):
-                                ab[j] = column[j] + bl[j]
-                    else:
-                        for q in range(4):
-                            for j in range(q * H + lo, q * H + hi):
-                                ab[j] = bl[j]
+                    x = ids[b, t] if ids[b, t] >= 0 else out[b, t - 1]
+                    for q in range(4):  # the input term: the bias, and layer 0's one-hot input, a column of Wx
+                        input_term(bias[l], WxT0[x], l == 0, a[b, q * H + lo:q * H + hi], q * H + lo)
                     h_new, hx_new = state[b, new, l, H:], statex[b, new, l, H:]
-                    cell_units(ab, z[b], U * W, peep[l], c[b, l], c[b, l], h_new, tc[b], lo, hi)
+                    cell_units(a[b], z[b], U * W, peep[l], c[b, now, l], c[b, new, l], h_new, tc[b], lo, hi)
                     to_operand(h_new[lo:hi], hx_new[lo:hi], Wf)
                     if l + 1 < L:  # the layer above's input, this char
-                        state[b, now, l + 1, lo:hi] = h_new[lo:hi]
-                        statex[b, now, l + 1, lo:hi] = hx_new[lo:hi]
+                        copy(h_new[lo:hi], state[b, now, l + 1, lo:hi])
+                        copy(hx_new[lo:hi], statex[b, now, l + 1, lo:hi])
             meeting += 1
             if not meet(sync, meeting, threads):
                 return
@@ -139,8 +151,9 @@ def run_streams(net, ids, u, how, state, statex, c, work, out, rank, threads, sh
             _, _, lo, hi = share_units(share, shares, U, W, H)
             for b in range(B):
                 for l in range(L):
-                    state[b, 0, l, H + lo:H + hi] = state[b, 1, l, H + lo:H + hi]
-                    statex[b, 0, l, H + lo:H + hi] = statex[b, 1, l, H + lo:H + hi]
+                    copy(state[b, 1, l, H + lo:H + hi], state[b, 0, l, H + lo:H + hi])
+                    copy(statex[b, 1, l, H + lo:H + hi], statex[b, 0, l, H + lo:H + hi])
+                    copy(c[b, 1, l, lo:hi], c[b, 0, l, lo:hi])
 
 
 # ---------------------------------------------------------------- the output layer of one stream

@@ -99,7 +99,9 @@ class Server:
         if "/" in name or name.startswith(".") or not file.is_file():
             raise ApiError(404, f"no such file: /static/{name}")
         kind = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".svg": "image/svg+xml"}
-        return web.Response(body=file.read_bytes(), content_type=kind.get(os.path.splitext(name)[1], "text/plain"))
+        extension = os.path.splitext(name)[1]
+        return web.Response(body=file.read_bytes(), content_type=kind.get(extension, "text/plain"),
+                            charset=None if extension in (".png",) else "utf-8")
 
     async def health(self, request):
         return web.json_response({"status": "ok", "streams_active": self.batcher.active,
@@ -185,20 +187,23 @@ class Server:
                      **extra}
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
-        if c.echo and c.prompt:
-            await send(c.prompt, None)
-        reason = None
-        while reason is None:
-            piece, reason = await pieces.get()
-            while reason is None and not pieces.empty():  # what came meanwhile, in one event
-                more, reason = pieces.get_nowait()
-                piece += more
-            if reason == "error":
-                await response.write(f"data: {json.dumps(error_body(500, piece))}\n\n".encode())
-                break
-            await send(piece, reason, **({"usage": _usage(c, job.chars)} if reason else {}))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            if c.echo and c.prompt:
+                await send(c.prompt, None)
+            reason = None
+            while reason is None:
+                piece, reason = await pieces.get()
+                while reason is None and not pieces.empty():  # what came meanwhile, in one event
+                    more, reason = pieces.get_nowait()
+                    piece += more
+                if reason == "error":
+                    await response.write(f"data: {json.dumps(error_body(500, piece))}\n\n".encode())
+                    break
+                await send(piece, reason, **({"usage": _usage(c, job.chars)} if reason else {}))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away: normal, nothing to report
+            job.cancelled = True
         return response
 
 
