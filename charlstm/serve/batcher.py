@@ -24,8 +24,11 @@ import numpy as np
 
 from charlstm.sample import Streams, StopMatcher
 
-CALL_SECONDS = 0.01  # aimed duration of one engine call: the longest a join or a leave waits
+CALL_SECONDS = 0.025  # aimed duration of one engine call: the longest a join or a leave waits
 MAX_CALL_STEPS = 256
+OWN_SHARE = 0.03  # a call's own Python work (planning, handing out) is kept under this share of it
+FIRST_DRAWS = 8  # a new job's first call ends this many draws after its prime, so its first
+                 # characters come at once; its calls then double (as sample.generate's chunks)
 POLL_SECONDS = 1.0  # how often a run folder is checked for a new checkpoint
 
 
@@ -49,6 +52,7 @@ class Job:
         self.count = lambda name, by: None  # the batcher's counters (Batcher.submit sets it)
         self.feed = None  # the ids still to feed before drawing (the prime, or the first drawn char)
         self.steps_left, self.last, self.done_reason = 0, -1, None
+        self.call_steps = FIRST_DRAWS  # the most steps this job wants in the next call (then doubled)
 
     def start(self, streams):
         """Begin (on the engine thread): the prime to feed, or the uniformly drawn first character."""
@@ -61,6 +65,7 @@ class Job:
                 return  # the first character was a stop string, or all it asked for
         # a step per fed id, then one per further draw (the last drawn id is not fed)
         self.steps_left = len(self.feed) + self.draws_left - 1 if self.draws_left > 0 else 0
+        self.call_steps = len(self.feed) + FIRST_DRAWS
         if self.steps_left <= 0:
             self.finish("length")
 
@@ -76,6 +81,8 @@ class Job:
         if first_draw < k:
             u[first_draw:k] = self.rng.random(k - first_draw)
         self.feed, self.steps_left = self.feed[fed:], self.steps_left - k
+        wanted = self.call_steps - k  # still to go before the draws it waits for
+        self.call_steps = wanted if wanted > 0 else 2 * max(k, FIRST_DRAWS)
         return k
 
     def emit(self, text):
@@ -134,7 +141,9 @@ class Batch:
         ids, u = np.zeros((B, n), np.int64), np.full((B, n), -1.0)  # steps past a job's end: id 0, no draw
         taken = [job.plan(n, ids[b], u[b]) for b, job in enumerate(self.jobs)]
         inv_temp, top_k, top_p, greedy = (np.array(column) for column in zip(*(job.settings for job in self.jobs)))
+        started = time.perf_counter()
         out = self.streams.step(ids, u, inv_temp, top_k, top_p, greedy)
+        self.seconds = time.perf_counter() - started  # the engine's part of the call
         for b, job in enumerate(self.jobs):
             drawn = out[b, :taken[b]]
             drawn = drawn[drawn >= 0]
@@ -159,7 +168,8 @@ class Batcher:
         self.waiting = deque()
         self.lock = threading.Condition()
         self.stopping = False
-        self.step_seconds = 1e-3  # running mean of one step's duration at the current batch size
+        self.step_seconds = 1e-3  # running mean of one engine step's duration at the current batch size
+        self.overhead = 1e-4  # running mean of a call's own Python work (planning and handing out)
         self.thread = threading.Thread(target=self._run, name="charlstm-engine", daemon=True)
 
     # -------------------------------------------------------------- the HTTP side
@@ -239,12 +249,16 @@ class Batcher:
             self.count("streams_cancelled", len(batch.drop_done()))
             if batch.jobs:
                 try:
+                    # As many steps as take CALL_SECONDS; fewer while a new job waits for its first
+                    # characters, but enough that the call's own work stays under OWN_SHARE of it.
+                    floor = self.overhead / OWN_SHARE / self.step_seconds
+                    wanted = max(min(job.call_steps for job in batch.jobs), floor)
+                    n = int(max(1, min(MAX_CALL_STEPS, CALL_SECONDS / self.step_seconds, wanted,
+                                       max(job.steps_left for job in batch.jobs))))
                     started = time.perf_counter()
-                    n = max(1, min(MAX_CALL_STEPS, int(CALL_SECONDS / self.step_seconds),
-                                   max(job.steps_left for job in batch.jobs)))
                     batch.step(n)
-                    took = (time.perf_counter() - started) / n
-                    self.step_seconds = 0.8 * self.step_seconds + 0.2 * took
+                    self.step_seconds = 0.8 * self.step_seconds + 0.2 * batch.seconds / n
+                    self.overhead = 0.8 * self.overhead + 0.2 * (time.perf_counter() - started - batch.seconds)
                     self.count("engine_steps", n)
                 except Exception as e:  # a bug: end these jobs with the error, keep serving the next
                     for job in batch.jobs:
