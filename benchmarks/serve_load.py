@@ -261,7 +261,12 @@ def main():
             print(f"server RSS: {first:.1f} MiB after the first 100 requests, {end:.1f} MiB at the end "
                   f"({100 * (end - first) / first:+.1f}%)")
         alive = proc is None or proc.poll() is None
-        print(f"{args.requests} requests: {len(problems)} problems; server {'alive' if alive else 'DEAD'}")
+        kinds = [kind for kind, _ in robustness_plan(args.requests, args.tokens, model["vocab"], random.Random(0))]
+        print(f"{args.requests} requests ({kinds.count('good')} good, {kinds.count('bad')} bad, "
+              f"{kinds.count('cut')} cut off mid-stream): {len(problems)} problems; server {'alive' if alive else 'DEAD'}")
+        if alive:  # the server's own count of answers by status (499: the client went first)
+            codes = re.findall(r'charlstm_requests_total\{code="(\d+)"\} (\d+)', urlopen(url + "/metrics").decode())
+            print("server's answers by status: " + ", ".join(f"{code}: {n}" for code, n in codes))
         for line in problems[:20]:
             print("  " + line)
         sys.exit(0 if alive and not problems else 1)
