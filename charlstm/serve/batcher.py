@@ -168,7 +168,7 @@ class Batcher:
         self.waiting = deque()
         self.lock = threading.Condition()
         self.stopping = False
-        self.step_seconds = 1e-3  # running mean of one engine step's duration at the current batch size
+        self.step_seconds = {}  # batch size -> running mean of one engine step's duration
         self.overhead = 1e-4  # running mean of a call's own Python work (planning and handing out)
         self.thread = threading.Thread(target=self._run, name="charlstm-engine", daemon=True)
 
@@ -251,13 +251,16 @@ class Batcher:
                 try:
                     # As many steps as take CALL_SECONDS; fewer while a new job waits for its first
                     # characters, but enough that the call's own work stays under OWN_SHARE of it.
-                    floor = self.overhead / OWN_SHARE / self.step_seconds
+                    B = len(batch.jobs)
+                    step = self.step_seconds.get(B) or 1e-4 * B  # a guess until measured
+                    floor = self.overhead / OWN_SHARE / step
                     wanted = max(min(job.call_steps for job in batch.jobs), floor)
-                    n = int(max(1, min(MAX_CALL_STEPS, CALL_SECONDS / self.step_seconds, wanted,
+                    n = int(max(1, min(MAX_CALL_STEPS, CALL_SECONDS / step, wanted,
                                        max(job.steps_left for job in batch.jobs))))
                     started = time.perf_counter()
                     batch.step(n)
-                    self.step_seconds = 0.8 * self.step_seconds + 0.2 * batch.seconds / n
+                    measured = batch.seconds / n
+                    self.step_seconds[B] = 0.8 * step + 0.2 * measured if B in self.step_seconds else measured
                     self.overhead = 0.8 * self.overhead + 0.2 * (time.perf_counter() - started - batch.seconds)
                     self.count("engine_steps", n)
                 except Exception as e:  # a bug: end these jobs with the error, keep serving the next
