@@ -144,21 +144,23 @@ def test_temperature_sharpens_and_flattens():
 
 # ---------------------------------------------------------------------------------- the stream
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_streams_stepped_together_give_each_the_text_it_gets_alone(dtype):
+@pytest.mark.parametrize("dtype, precision, hidden", [("float32", "f32", 21), ("float64", "f32", 21),
+                                                      ("float32", "bf16", 21), ("float32", "bf16", 22)])
+def test_streams_stepped_together_give_each_the_text_it_gets_alone(dtype, precision, hidden):
     """Five streams of one batch (other primes, seeds and settings, joining at other calls) draw
-    exactly the ids each draws alone: a stream's arithmetic does not depend on its neighbours."""
-    params, config = make_model(dtype=dtype, hidden=21)  # H not a multiple of the lanes
+    exactly the ids each draws alone: a stream's arithmetic does not depend on its neighbours.
+    H not a multiple of the lanes; in bfloat16 an odd H runs Widen, an even one the machine's product."""
+    params, config = make_model(dtype=dtype, hidden=hidden)
     settings = [dict(temperature=1.0), dict(temperature=0.7, top_k=4), dict(top_p=0.8), dict(greedy=True),
                 dict(temperature=1.3, top_k=2, top_p=0.9)]
     primes = ["Ca", "RO", "a", "Come, ", "b"]
     n, B = 40, len(settings)
     alone = []
     for b in range(B):
-        stream, rng = sample.Stream(params, config), np.random.default_rng(b)
+        stream, rng = sample.Stream(params, config, precision), np.random.default_rng(b)
         stream.feed(stream.encode(primes[b][:-1]))
         alone.append(stream.run(stream.encode(primes[b])[-1], rng.random(n), **settings[b]))
-    batch = sample.Streams(params, config, capacity=8)
+    batch = sample.Streams(params, config, precision, capacity=8)
     ids, u = np.full((B, n + 6), -1, np.int64), np.full((B, n + 6), -1.0)
     for b in range(B):  # each prime fed in the batch, its draws start after its last char
         p = batch.encode(primes[b])

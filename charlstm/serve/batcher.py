@@ -1,7 +1,7 @@
 """The server's engine loop: every active completion advances one character per engine step, all
 of them as one batch (sample.Streams, the engine's run_streams), on the engine's threads.
 
-One thread (`Batcher.run`) owns the model's streams and calls the engine; the HTTP side only
+One thread (`Batcher._run`) owns the model's streams and calls the engine; the HTTP side only
 submits jobs and reads what they make. Between calls, jobs join (from the queue, up to
 `max_streams`) and leave (finished, stopped, or their client gone), so nothing keeps computing for
 a client that left for longer than one call. A call runs a few steps at a time, as many as take
