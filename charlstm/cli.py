@@ -612,10 +612,13 @@ def serve(source, host, port, api_key, api_key_file, max_streams, max_queue, max
                    "the server", err=True)
     if not kernels_cached(model.config, precision):
         click.echo("compiling kernels (first run only)...", err=True)
-    shown = f"[{host}]" if ":" in host else host
+    # the address to open: a wildcard host listens on every interface, loopback included
+    everywhere = host in ("0.0.0.0", "::", "")
+    shown = "127.0.0.1" if everywhere else f"[{host}]" if ":" in host else host
     ready = lambda bound: click.echo(
         f"charlstm serve: {model.name} ({model.config.layers}x{model.config.hidden} LSTM, step "
-        f"{model.manifest.get('step', 0):,}, {precision}) at http://{shown}:{bound}/ (Ctrl-C stops)", err=True)
+        f"{model.manifest.get('step', 0):,}, {precision}) at http://{shown}:{bound}/"
+        f"{' (and on every interface)' if everywhere else ''} (Ctrl-C stops)", err=True)
     try:
         run_server(source, host, port, api_key, max_streams, max_queue, max_tokens_limit, precision, ready)
     except OSError as e:
