@@ -52,7 +52,7 @@ class Streams:
             pack(fresh(np.concatenate([w[f"l{l}.Wx"], w[f"l{l}.Wh"]], axis=1)), Wf[l])
         bias = fresh([w[f"l{l}.b"] for l in range(L)])
         peep = fresh([w[f"l{l}.p"] for l in range(L)]) if config.peepholes else np.zeros((L, 0), dtype)
-        self.net = (fresh(w["l0.Wx"].T), Wf, bias, peep, fresh(w["out.W"]), fresh(w["out.b"]))
+        self.net, self.Wf = (fresh(w["l0.Wx"].T), bias, peep, fresh(w["out.W"]), fresh(w["out.b"])), Wf
         # each layer's input vector [h below | its own h], twice (stream_kernels.run_streams)
         self.state = np.zeros((capacity, 2, L, 2 * H), dtype)
         # the state as the products read it: itself in float32, a bfloat16 copy otherwise
@@ -99,7 +99,7 @@ class Streams:
                np.asarray(greedy, np.bool_))
         work = tuple(w[:B] for w in self.work)
         team.together(lambda rank, threads, sync: stream_kernels.run_streams(
-            self.net, ids, uniforms, how, self.state[:B], self.statex[:B], self.cells[:B], work, out,
+            self.net, self.Wf, ids, uniforms, how, self.state[:B], self.statex[:B], self.cells[:B], work, out,
             rank, threads, team.most, sync[0]))
         return out
 

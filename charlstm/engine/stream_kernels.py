@@ -81,7 +81,7 @@ def layer_products(Wf, xs, x_stride, K, z, share, shares, H):
 # ---------------------------------------------------------------- sampling's entry point (Team.together)
 
 @kernel
-def run_streams(net, ids, u, how, state, statex, c, work, out, rank, threads, shares, sync):
+def run_streams(net, Wf, ids, u, how, state, statex, c, work, out, rank, threads, shares, sync):
     """Advance B streams together through every layer for n steps, a char each a step.
 
     ids (B, n) int64  stream b's input at step t: ids[b, t], or when that is negative the id it
@@ -91,8 +91,10 @@ def run_streams(net, ids, u, how, state, statex, c, work, out, rank, threads, sh
            draw (a prime's chars but its last); out (B, n) int64 out: the ids drawn, -1 where none
     how   (inv_temp (B,), top_k (B,) int64, top_p (B,), greedy (B,) bool): each stream's settings
            for draw
-    net   (WxT0 (V, G), Wf (L, U, 4, Kmax, W), bias (L, G), peep (L, 3H) or (L, 0), Wy (V, H),
-           by (V,)): Wf[0] is Wh of layer 0 packed (K = H), Wf[l] the fused [Wx | Wh] (G, 2H) of layer l
+    net   (WxT0 (V, G), bias (L, G), peep (L, 3H) or (L, 0), Wy (V, H), by (V,))
+    Wf    (L, U, 4, Kmax, W)  Wf[0] is Wh of layer 0 packed (K = H), Wf[l] the fused [Wx | Wh] (G, 2H)
+           of layer l; float, or bfloat16 bits. An argument of its own, not in `net`: Numba 0.60's
+           dispatcher took a tuple differing only in this array's dtype for the other one
     state (B, 2, L, 2H)  layer l's input vector at a char, [h_t of layer l-1 | h_{t-1} of layer l],
            in two copies: step t reads copy t % 2 and writes copy 1 - t % 2, so a thread writing
            its units never overwrites what another still reads. Layer 0's vector is its second
@@ -107,7 +109,7 @@ def run_streams(net, ids, u, how, state, statex, c, work, out, rank, threads, sh
     work  (a (B, G), z (B, 4*U*W), tc (B, H), logits (B, V) float64,
            p (B, V) float64, order (B, V) int64)
     """
-    WxT0, Wf, bias, peep, Wy, by = net[0], net[1], net[2], net[3], net[4], net[5]
+    WxT0, bias, peep, Wy, by = net[0], net[1], net[2], net[3], net[4]
     a, z, tc, logits, p, order = work[0], work[1], work[2], work[3], work[4], work[5]
     inv_temp, top_k, top_p, greedy = how[0], how[1], how[2], how[3]
     B, n = ids.shape
