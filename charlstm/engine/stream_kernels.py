@@ -52,8 +52,8 @@ def input_term(bias, column, one_hot, a, at):
 
 @inline_kernel
 def copy(src, dst):
-    """dst[:] = src, in a loop: a slice assignment would check for overlap and may copy through a
-    temporary array (an allocation per stream, layer and step)."""
+    """dst[:] = src, in a plain loop: Numba's slice assignment first checks whether the two views
+    overlap (copying through a temporary array when they do), per stream, layer and step."""
     for j in range(src.shape[0]):
         dst[j] = src[j]
 
