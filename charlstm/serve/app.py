@@ -146,8 +146,7 @@ class Server:
         body = read_body(await request.read())
         c = parse_completion(body, model.name, model.config.vocab, self.max_tokens_limit)
         pieces, rng = asyncio.Queue(), np.random.Generator(np.random.PCG64(c.seed))
-        index = {ch: i for i, ch in enumerate(model.config.vocab)}
-        job = Job([index[ch] for ch in c.prompt], c.max_tokens, rng, c.temperature, c.top_k, c.top_p, c.stop, pieces)
+        job = Job(c.prompt, c.max_tokens, rng, c.temperature, c.top_k, c.top_p, c.stop, pieces)
         try:
             self.batcher.submit(job)
         except Busy:

@@ -41,8 +41,8 @@ class Job:
     `outbox` as (job, piece, finish_reason or None), on the engine thread; `reader` is the HTTP
     side's own (where it wants the pieces)."""
 
-    def __init__(self, prime_ids, max_tokens, rng, temperature=1.0, top_k=0, top_p=1.0, stop=(), reader=None):
-        self.prime, self.draws_left, self.rng = np.asarray(prime_ids, np.int64), max_tokens, rng
+    def __init__(self, prime, max_tokens, rng, temperature=1.0, top_k=0, top_p=1.0, stop=(), reader=None):
+        self.prime, self.draws_left, self.rng = prime, max_tokens, rng  # prime: text in the model's vocabulary
         self.reader, self.outbox = reader, []
         greedy = temperature == 0
         self.settings = (1.0 if greedy else 1.0 / temperature, top_k, top_p, greedy)
@@ -56,8 +56,8 @@ class Job:
 
     def start(self, streams):
         """Begin (on the engine thread): the prime to feed, or the uniformly drawn first character."""
-        self.feed = self.prime
-        if not len(self.prime) and self.draws_left > 0:
+        self.feed = streams.encode(self.prime)
+        if not self.prime and self.draws_left > 0:
             first = int(self.rng.integers(streams.config.vocab_size))
             self.draws_left -= 1
             self.feed = np.array([first])
